@@ -1,0 +1,193 @@
+//! `cifar-prep`: CIFAR tarballs into memory-mappable safetensors files. See `--help`.
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use cifar_fast::prep::{self, Norm, PrepOptions, StoreDtype, download};
+use clap::{Parser, ValueEnum};
+
+/// Unpack CIFAR-10/100 into one normalized, memory-mappable tensor file per split.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// A CIFAR tarball (binary or python) or an extracted `cifar-10-batches-*` directory.
+    /// By default, the first one found in the output directory.
+    input: Option<PathBuf>,
+    /// The data directory, where the tensor files are written (torchvision's `root`).
+    #[arg(long, default_value = "data")]
+    out: PathBuf,
+    /// Stored dtype: normalized `f32`, or raw `u8` (4x smaller, normalized when loaded).
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    dtype: DtypeArg,
+    /// `half`: Normalize((0.5,)*3, (0.5,)*3) as in the tutorial; `dataset`: the train split's
+    /// per-channel mean and std.
+    #[arg(long, value_enum, default_value_t = NormArg::Half)]
+    norm: NormArg,
+    /// Per-channel mean, e.g. 0.4914,0.4822,0.4465 (with --std; overrides --norm).
+    #[arg(long, value_delimiter = ',', num_args = 3, requires = "std")]
+    mean: Option<Vec<f32>>,
+    /// Per-channel std, e.g. 0.2470,0.2435,0.2616.
+    #[arg(long, value_delimiter = ',', num_args = 3, requires = "mean")]
+    std: Option<Vec<f32>>,
+    /// Convert even when the output is up to date.
+    #[arg(long)]
+    force: bool,
+    /// Download the official tarball into the data directory first (like `download=True`).
+    #[arg(long)]
+    download: bool,
+    /// Which tarball --download fetches.
+    #[arg(long, value_enum, default_value_t = Which::Cifar10Python)]
+    dataset: Which,
+    /// Download from this URL instead of the official one.
+    #[arg(long, requires = "download")]
+    url: Option<String>,
+    /// The md5 the download must have (by default, the official one).
+    #[arg(long, requires = "download")]
+    md5: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DtypeArg {
+    F32,
+    U8,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum NormArg {
+    Half,
+    Dataset,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Which {
+    Cifar10Python,
+    Cifar10Binary,
+    Cifar100Python,
+}
+
+/// The inputs looked for in the data directory, in order of preference (binary reads fastest).
+const CANDIDATES: [&str; 8] = [
+    "cifar-10-binary.tar.gz",
+    "cifar-10-python.tar.gz",
+    "cifar-10-batches-bin",
+    "cifar-10-batches-py",
+    "cifar-100-binary.tar.gz",
+    "cifar-100-python.tar.gz",
+    "cifar-100-binary",
+    "cifar-100-python",
+];
+
+fn find_input(dir: &Path) -> anyhow::Result<PathBuf> {
+    for name in CANDIDATES {
+        let p = dir.join(name);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "no CIFAR tarball or extracted directory in {} (looked for {}); \
+         run `cifar-prep --download` to fetch cifar-10-python.tar.gz, or name an input",
+        dir.display(),
+        CANDIDATES.join(", ")
+    )
+}
+
+fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(len);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap()
+        .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+fn mb(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+fn main() {
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("cifar-prep: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let input = if args.download {
+        let official = match args.dataset {
+            Which::Cifar10Python => &download::OFFICIAL[0],
+            Which::Cifar10Binary => &download::OFFICIAL[1],
+            Which::Cifar100Python => &download::OFFICIAL[2],
+        };
+        let url = args.url.as_deref().unwrap_or(official.url);
+        let md5 = args.md5.as_deref().unwrap_or(official.md5);
+        std::fs::create_dir_all(&args.out).with_context(|| format!("{}", args.out.display()))?;
+        let dest = args.out.join(official.file);
+        let pb = progress_bar(0, "download");
+        let got = download::download(url, md5, &dest, &pb)?;
+        pb.finish_and_clear();
+        println!("downloaded {} (md5 {md5} verified)", got.display());
+        got
+    } else {
+        match args.input {
+            Some(p) => p,
+            None => find_input(&args.out)?,
+        }
+    };
+    let norm = match (&args.mean, &args.std, args.norm) {
+        (Some(m), Some(s), _) => {
+            if s.iter().any(|&x| x <= 0.0) {
+                bail!("--std must be positive, got {s:?}");
+            }
+            Norm::Custom { mean: [m[0], m[1], m[2]], std: [s[0], s[1], s[2]] }
+        }
+        (_, _, NormArg::Half) => Norm::Half,
+        (_, _, NormArg::Dataset) => Norm::Dataset,
+    };
+    let opts = PrepOptions {
+        dtype: match args.dtype {
+            DtypeArg::F32 => StoreDtype::F32,
+            DtypeArg::U8 => StoreDtype::U8,
+        },
+        norm,
+        force: args.force,
+    };
+    let pb = progress_bar(0, "convert");
+    let summary = prep::prepare(&input, &args.out, &opts, &pb)?;
+    pb.finish_and_clear();
+    if summary.skipped {
+        println!(
+            "{}: up to date (made from this input with these options; --force converts again)",
+            input.display()
+        );
+    } else {
+        match summary.source.md5.as_deref() {
+            Some(md5) => match download::official_by_md5(md5) {
+                Some(o) => println!("{}: md5 {md5} is the official {}'s: verified", input.display(), o.file),
+                None => println!(
+                    "{}: md5 {md5} is not an official CIFAR tarball's; converted anyway",
+                    input.display()
+                ),
+            },
+            None => println!("{}: a directory, not checked against the official md5 sums", input.display()),
+        }
+    }
+    for s in &summary.splits {
+        println!("{:>5}: {} images -> {} ({})", s.split.name(), s.images, s.path.display(), mb(s.bytes));
+        let counts: Vec<String> =
+            summary.classes.iter().zip(&s.per_class).map(|(c, n)| format!("{c} {n}")).collect();
+        println!("       per class: {}", counts.join(", "));
+    }
+    if !summary.skipped {
+        let total: u64 = summary.splits.iter().map(|s| s.bytes).sum();
+        println!("wrote {} in {:.2} s", mb(total), summary.seconds);
+    }
+    Ok(())
+}

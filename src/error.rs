@@ -1,0 +1,75 @@
+//! The library's one error type: every failure names the file or sample it concerns.
+use std::path::{Path, PathBuf};
+
+/// A specialised `Result` for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An error from reading, converting or loading CIFAR data.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The operating system refused an operation on `path`.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory concerned.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// `path` is not what it claims to be: a bad tarball, pickle, record or tensor file.
+    #[error("{}: {msg}", path.display())]
+    Format {
+        /// The file concerned (for a tar member, `archive/member`).
+        path: PathBuf,
+        /// What is wrong with it.
+        msg: String,
+    },
+    /// A tensor or sample has another shape or dtype than the consumer expects.
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    /// A setting is out of range (a batch size of 0, a shard rank past the world size, ...).
+    #[error("invalid setting: {0}")]
+    Config(String),
+    /// A loader worker failed (or panicked) on one sample.
+    #[error("worker failed on sample {index}: {msg}")]
+    Worker {
+        /// The dataset index of the sample being read.
+        index: usize,
+        /// What went wrong.
+        msg: String,
+    },
+    /// An error from libtorch.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    /// A download failed.
+    #[error("download of {url} failed: {msg}")]
+    Download {
+        /// Where from.
+        url: String,
+        /// Why.
+        msg: String,
+    },
+}
+
+impl Error {
+    /// An `Io` error for `path`.
+    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        Error::Io { path: path.as_ref().to_path_buf(), source }
+    }
+
+    /// A `Format` error for `path`.
+    pub fn format(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
+        Error::Format { path: path.as_ref().to_path_buf(), msg: msg.into() }
+    }
+}
+
+/// Adds a path to `std::io::Result`s, as tch-rs's `cifar.rs` does for its readers.
+pub(crate) trait IoContext<T> {
+    fn at(self, path: impl AsRef<Path>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn at(self, path: impl AsRef<Path>) -> Result<T> {
+        self.map_err(|e| Error::io(path, e))
+    }
+}

@@ -1,0 +1,97 @@
+//! `--download`: fetch an official tarball over HTTP into the data directory, like torchvision's
+//! `download=True`: into a `.part` file, md5-checked, then renamed, so a cut connection never
+//! leaves a file that looks complete.
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use md5::{Digest, Md5};
+
+use super::tarball::hex;
+use crate::error::{Error, IoContext, Result};
+
+/// An official CIFAR tarball: file name, URL and md5, as torchvision lists them.
+#[derive(Debug, Clone, Copy)]
+pub struct Official {
+    /// The file name in the data directory.
+    pub file: &'static str,
+    /// Where the authors publish it.
+    pub url: &'static str,
+    /// Its md5.
+    pub md5: &'static str,
+}
+
+/// The tarballs `--download` knows.
+pub const OFFICIAL: [Official; 3] = [
+    Official {
+        file: "cifar-10-python.tar.gz",
+        url: "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        md5: "c58f30108f718f92721af3b95e74349a",
+    },
+    Official {
+        file: "cifar-10-binary.tar.gz",
+        url: "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+        md5: "c32a1d4ab5d03f1284b67883e8d87530",
+    },
+    Official {
+        file: "cifar-100-python.tar.gz",
+        url: "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        md5: "eb9058c3a382ffc7106e4002c42a8d85",
+    },
+];
+
+/// The official tarball with this md5, if any.
+pub fn official_by_md5(md5: &str) -> Option<&'static Official> {
+    OFFICIAL.iter().find(|o| o.md5 == md5)
+}
+
+/// Downloads `url` to `dest`, checking `md5`. Returns `dest`. An existing `dest` with the right
+/// md5 is kept as it is.
+pub fn download(url: &str, md5: &str, dest: &Path, progress: &indicatif::ProgressBar) -> Result<PathBuf> {
+    if dest.exists() && file_md5(dest)? == md5 {
+        return Ok(dest.to_path_buf());
+    }
+    let fail = |msg: String| Error::Download { url: url.to_string(), msg };
+    let part = dest.with_extension("gz.part");
+    let response = ureq::get(url).call().map_err(|e| fail(e.to_string()))?;
+    if let Some(len) = response.headers().get("content-length").and_then(|v| v.to_str().ok()?.parse().ok()) {
+        progress.set_length(len);
+    }
+    let mut body = response.into_body().into_reader();
+    let mut out = File::create(&part).at(&part)?;
+    let mut hasher = Md5::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let result = (|| {
+        loop {
+            let n = body.read(&mut buf).map_err(|e| fail(e.to_string()))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).at(&part)?;
+            progress.inc(n as u64);
+        }
+        out.sync_all().at(&part)?;
+        let got = hex(&hasher.finalize());
+        if got != md5 {
+            return Err(fail(format!("md5 {got} does not match the expected {md5}")));
+        }
+        std::fs::rename(&part, dest).at(dest)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&part);
+    }
+    result.map(|()| dest.to_path_buf())
+}
+
+fn file_md5(path: &Path) -> Result<String> {
+    let mut f = File::open(path).at(path)?;
+    let mut h = Md5::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match f.read(&mut buf).at(path)? {
+            0 => return Ok(hex(&h.finalize())),
+            n => h.update(&buf[..n]),
+        }
+    }
+}

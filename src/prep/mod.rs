@@ -1,0 +1,403 @@
+//! `cifar-prep`'s work: CIFAR tarballs (or their extracted directories) into one safetensors
+//! file per split, `images [N,3,32,32]` + `labels [N]`, in torchvision's order.
+//!
+//! Two threads overlap the work: this one decompresses and untars (the input's bound), the
+//! writer parses, normalizes and writes (the disk's bound), with a bounded channel between.
+pub mod download;
+pub mod layout;
+pub mod pickle;
+pub mod tarball;
+pub mod writer;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use self::layout::{CIFAR10_CLASSES, COARSE_CLASSES, Kind, Records, Role, Split};
+use self::tarball::SourceInfo;
+use self::writer::TensorFileWriter;
+pub use self::writer::{Normalize, StoreDtype};
+use crate::error::{Error, IoContext, Result};
+use crate::store::TensorFile;
+
+/// The tensor file format's version, in the metadata.
+pub const FORMAT_VERSION: &str = "1";
+
+/// How to normalize.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Norm {
+    /// The tutorial's `Normalize((0.5,)*3, (0.5,)*3)`: values in [-1, 1].
+    Half,
+    /// Per-channel mean and std of the train split.
+    Dataset,
+    /// Given mean and std.
+    Custom {
+        /// Per-channel mean (of pixel / 255).
+        mean: [f32; 3],
+        /// Per-channel standard deviation.
+        std: [f32; 3],
+    },
+}
+
+/// What `prepare` does.
+#[derive(Debug, Clone)]
+pub struct PrepOptions {
+    /// Stored dtype. By default, `f32`.
+    pub dtype: StoreDtype,
+    /// Normalization. By default, `Half`.
+    pub norm: Norm,
+    /// Convert even when up-to-date output exists.
+    pub force: bool,
+}
+
+impl Default for PrepOptions {
+    fn default() -> Self {
+        PrepOptions { dtype: StoreDtype::F32, norm: Norm::Half, force: false }
+    }
+}
+
+/// One split's output.
+#[derive(Debug, Clone)]
+pub struct SplitSummary {
+    /// Train or test.
+    pub split: Split,
+    /// The file written.
+    pub path: PathBuf,
+    /// Images in it.
+    pub images: usize,
+    /// Images per class, in label order.
+    pub per_class: Vec<usize>,
+    /// File size in bytes.
+    pub bytes: u64,
+}
+
+/// What `prepare` did.
+#[derive(Debug, Clone)]
+pub struct PrepSummary {
+    /// CIFAR-10 or CIFAR-100.
+    pub kind: Kind,
+    /// The input's name and digests (digests empty when skipped).
+    pub source: SourceInfo,
+    /// Class names, in label order.
+    pub classes: Vec<String>,
+    /// Train, then test.
+    pub splits: Vec<SplitSummary>,
+    /// Wall time.
+    pub seconds: f64,
+    /// True when up-to-date output was found and nothing was converted.
+    pub skipped: bool,
+}
+
+/// The tensor file of `kind`'s `split` in `dir`: `cifar10-train.safetensors`, ...
+pub fn output_path(dir: &Path, kind: Kind, split: Split) -> PathBuf {
+    dir.join(format!("{}-{}.safetensors", kind.name(), split.name()))
+}
+
+/// Size and modification time of the input (of each batch file, for a directory): cheap to
+/// compare, so a re-run on the same input skips the conversion.
+fn fingerprint(input: &Path) -> Result<String> {
+    let stamp = |p: &Path| -> Result<String> {
+        let m = std::fs::metadata(p).at(p)?;
+        let mtime = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+        Ok(format!("{}:{}", m.len(), mtime.map_or(0, |d| d.as_nanos())))
+    };
+    if !input.is_dir() {
+        return stamp(input);
+    }
+    let mut parts = Vec::new();
+    for e in walkdir(input)? {
+        if layout::role_of(&e.to_string_lossy()).is_some() {
+            parts.push(format!("{}={}", e.display(), stamp(&e)?));
+        }
+    }
+    parts.sort();
+    Ok(parts.join(","))
+}
+
+fn walkdir(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).at(dir)? {
+        let p = e.at(dir)?.path();
+        if p.is_dir() {
+            for s in std::fs::read_dir(&p).at(&p)? {
+                out.push(s.at(&p)?.path());
+            }
+        } else {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+fn norm_tag(opts: &PrepOptions) -> String {
+    format!("{}:{:?}", opts.dtype.name(), opts.norm)
+}
+
+/// Finds output in `out_dir` made from this very input with these options.
+fn up_to_date(input: &Path, out_dir: &Path, opts: &PrepOptions) -> Result<Option<PrepSummary>> {
+    let print = fingerprint(input)?;
+    for kind in [Kind::Cifar10, Kind::Cifar100] {
+        let mut splits = Vec::new();
+        let mut classes = Vec::new();
+        for split in [Split::Train, Split::Test] {
+            let path = output_path(out_dir, kind, split);
+            let Ok(file) = TensorFile::open(&path) else { break };
+            let meta = file.metadata();
+            if meta.get("source_fingerprint") != Some(&print)
+                || meta.get("prep_options") != Some(&norm_tag(opts))
+            {
+                break;
+            }
+            classes = file.classes().to_vec();
+            let mut per_class = vec![0; classes.len()];
+            for &l in file.labels() {
+                per_class[l as usize] += 1;
+            }
+            let bytes = std::fs::metadata(&path).at(&path)?.len();
+            splits.push(SplitSummary { split, path, images: file.len(), per_class, bytes });
+        }
+        if splits.len() == 2 {
+            let source = SourceInfo {
+                name: input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                ..Default::default()
+            };
+            return Ok(Some(PrepSummary { kind, source, classes, splits, seconds: 0.0, skipped: true }));
+        }
+    }
+    Ok(None)
+}
+
+/// Converts `input` (a CIFAR-10/100 tarball, binary or python, or an extracted directory) into
+/// `out_dir`. On error nothing is left in `out_dir` and earlier output there is untouched.
+pub fn prepare(
+    input: &Path,
+    out_dir: &Path,
+    opts: &PrepOptions,
+    progress: &indicatif::ProgressBar,
+) -> Result<PrepSummary> {
+    let start = Instant::now();
+    if !opts.force
+        && let Some(done) = up_to_date(input, out_dir, opts)?
+    {
+        return Ok(done);
+    }
+    let print = fingerprint(input)?;
+    std::fs::create_dir_all(out_dir).at(out_dir)?;
+    let mut writers = BTreeMap::new();
+    for split in [Split::Train, Split::Test] {
+        writers.insert(
+            split,
+            TensorFileWriter::create(out_dir, &format!("cifar-prep-{}", split.name()), opts.dtype)?,
+        );
+    }
+
+    let (tx, rx) = crossbeam_channel::bounded::<(Role, PathBuf, Vec<u8>)>(2);
+    let mut kind: Option<Kind> = None;
+    let mut fine: Option<Vec<String>> = None;
+    let mut coarse: Option<Vec<String>> = None;
+    let mut seen: HashMap<(Split, usize), PathBuf> = HashMap::new();
+
+    let (read, written) = std::thread::scope(|s| {
+        let writer = s.spawn(|| write_splits(rx, &mut writers, opts));
+        let read = tarball::for_each_member(input, progress, |role, member, path, bytes| {
+            let member_kind = match role {
+                Role::Batch { kind, .. } | Role::Meta { kind } => kind,
+            };
+            if *kind.get_or_insert(member_kind) != member_kind {
+                return Err(Error::format(input, "mixes CIFAR-10 and CIFAR-100 members"));
+            }
+            match role {
+                Role::Meta { .. } => {
+                    let (f, c) = layout::parse_meta(member, &bytes, path)?;
+                    fine = f.or(fine.take());
+                    coarse = c.or(coarse.take());
+                    Ok(())
+                }
+                Role::Batch { split, index, .. } => {
+                    if let Some(first) = seen.insert((split, index), path.to_path_buf()) {
+                        return Err(Error::format(
+                            input,
+                            format!(
+                                "holds two copies of one batch: {} and {}",
+                                first.display(),
+                                path.display()
+                            ),
+                        ));
+                    }
+                    // A closed channel means the writer failed; its error is reported below.
+                    tx.send((role, path.to_path_buf(), bytes)).or(Ok(()))
+                }
+            }
+        });
+        drop(tx);
+        (read, writer.join().expect("writer thread panicked"))
+    });
+    // The writer's error is the cause when both failed (the reader only saw a closed channel).
+    let written = written?;
+    let source = read?;
+    let Some(kind) = kind.filter(|_| !seen.is_empty()) else {
+        return Err(Error::format(
+            input,
+            "holds no CIFAR batches (data_batch_1..5 and test_batch, or train and test)",
+        ));
+    };
+    for split in [Split::Train, Split::Test] {
+        let expected = if split == Split::Train { kind.train_batches() } else { 1 };
+        for i in 0..expected {
+            if !seen.contains_key(&(split, i)) {
+                let name = match (kind, split) {
+                    (Kind::Cifar10, Split::Train) => format!("data_batch_{}", i + 1),
+                    (Kind::Cifar10, Split::Test) => "test_batch".into(),
+                    (Kind::Cifar100, s) => s.name().into(),
+                };
+                return Err(Error::format(input, format!("batch {name} is missing")));
+            }
+        }
+    }
+    let classes = match (kind, fine) {
+        (_, Some(names)) if names.len() == kind.classes() => names,
+        (_, Some(names)) => {
+            return Err(Error::format(
+                input,
+                format!("lists {} class names, expected {}", names.len(), kind.classes()),
+            ));
+        }
+        (Kind::Cifar10, None) => CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect(),
+        (Kind::Cifar100, None) => (0..100).map(|i| format!("class_{i}")).collect(),
+    };
+    let coarse = match (kind, coarse) {
+        (Kind::Cifar100, Some(c)) if c.len() == COARSE_CLASSES => Some(c),
+        (Kind::Cifar100, _) => Some((0..COARSE_CLASSES).map(|i| format!("superclass_{i}")).collect()),
+        _ => None,
+    };
+
+    let official = source.md5.as_deref().and_then(download::official_by_md5);
+    let mut sealed = Vec::new();
+    for (split, w) in writers {
+        let per_class = written.per_class(split, classes.len());
+        let mut meta = HashMap::from([
+            ("format".to_string(), "cifar-fast".to_string()),
+            ("format_version".into(), FORMAT_VERSION.into()),
+            ("dataset".into(), kind.name().into()),
+            ("split".into(), split.name().into()),
+            ("classes".into(), serde_json::to_string(&classes).unwrap()),
+            ("dtype".into(), opts.dtype.name().into()),
+            ("normalized".into(), (opts.dtype == StoreDtype::F32).to_string()),
+            ("mean".into(), serde_json::to_string(&written.mean).unwrap()),
+            ("std".into(), serde_json::to_string(&written.std).unwrap()),
+            ("source".into(), source.name.clone()),
+            ("source_sha256".into(), source.sha256.clone()),
+            ("source_official".into(), official.is_some().to_string()),
+            ("source_fingerprint".into(), print.clone()),
+            ("prep_options".into(), norm_tag(opts)),
+        ]);
+        if let Some(c) = &coarse {
+            meta.insert("coarse_classes".into(), serde_json::to_string(c).unwrap());
+        }
+        let path = output_path(out_dir, kind, split);
+        let images = w.images();
+        let file = w.finish(meta)?;
+        sealed.push((SplitSummary { split, path, images, per_class, bytes: file.size }, file));
+    }
+    let mut splits = Vec::new();
+    for (summary, file) in sealed {
+        file.persist(&summary.path)?;
+        splits.push(summary);
+    }
+    Ok(PrepSummary { kind, source, classes, splits, seconds: start.elapsed().as_secs_f64(), skipped: false })
+}
+
+/// What the writer thread reports back.
+struct Written {
+    mean: [f32; 3],
+    std: [f32; 3],
+    labels: BTreeMap<Split, Vec<i64>>,
+}
+
+impl Written {
+    fn per_class(&self, split: Split, classes: usize) -> Vec<usize> {
+        let mut counts = vec![0; classes];
+        for &l in self.labels.get(&split).into_iter().flatten() {
+            counts[l as usize] += 1;
+        }
+        counts
+    }
+}
+
+/// Parses batches as they arrive and writes them in torchvision's order (batch 1 before 2, ...),
+/// holding back any that come early. With `Norm::Dataset` everything waits for the train split's
+/// statistics.
+fn write_splits(
+    rx: crossbeam_channel::Receiver<(Role, PathBuf, Vec<u8>)>,
+    writers: &mut BTreeMap<Split, TensorFileWriter>,
+    opts: &PrepOptions,
+) -> Result<Written> {
+    let (mean, std) = match opts.norm {
+        Norm::Half => ([0.5; 3], [0.5; 3]),
+        Norm::Custom { mean, std } => (mean, std),
+        Norm::Dataset => ([0.0; 3], [1.0; 3]),
+    };
+    let defer_all = opts.norm == Norm::Dataset;
+    let mut norm = Normalize::new(mean, std);
+    let mut pending: BTreeMap<(Split, usize), Records> = BTreeMap::new();
+    let mut next: BTreeMap<Split, usize> = BTreeMap::new();
+    let mut labels: BTreeMap<Split, Vec<i64>> = BTreeMap::new();
+    let mut flush = |pending: &mut BTreeMap<(Split, usize), Records>, norm: &Normalize| -> Result<()> {
+        for split in [Split::Train, Split::Test] {
+            let n = next.entry(split).or_insert(0);
+            while let Some(records) = pending.remove(&(split, *n)) {
+                writers.get_mut(&split).unwrap().push(&records, norm)?;
+                labels.entry(split).or_default().extend_from_slice(&records.labels);
+                *n += 1;
+            }
+        }
+        Ok(())
+    };
+    for (role, path, bytes) in rx {
+        let Role::Batch { kind, split, index } = role else { continue };
+        let records = layout::parse_batch(kind, &bytes, &path)?;
+        drop(bytes);
+        pending.insert((split, index), records);
+        if !defer_all {
+            flush(&mut pending, &norm)?;
+        }
+    }
+    let (mean, std) = if defer_all {
+        let stats = channel_stats(pending.range((Split::Train, 0)..(Split::Test, 0)).map(|(_, r)| r));
+        norm = Normalize::new(stats.0, stats.1);
+        stats
+    } else {
+        (mean, std)
+    };
+    flush(&mut pending, &norm)?;
+    Ok(Written { mean, std, labels })
+}
+
+/// Per-channel mean and (population) std of pixel / 255, as `data.mean((0, 2, 3)) / 255`.
+fn channel_stats<'a>(batches: impl Iterator<Item = &'a Records>) -> ([f32; 3], [f32; 3]) {
+    let plane = layout::SIDE * layout::SIDE;
+    let mut hist = [[0u64; 256]; 3];
+    for r in batches {
+        for img in r.pixels.chunks_exact(layout::BYTES_PER_IMAGE) {
+            for c in 0..3 {
+                for &p in &img[c * plane..(c + 1) * plane] {
+                    hist[c][p as usize] += 1;
+                }
+            }
+        }
+    }
+    let mut mean = [0f32; 3];
+    let mut std = [1f32; 3];
+    for c in 0..3 {
+        let n: u64 = hist[c].iter().sum();
+        if n == 0 {
+            continue;
+        }
+        let m = hist[c].iter().enumerate().map(|(v, &k)| v as f64 * k as f64).sum::<f64>() / n as f64;
+        let var = hist[c].iter().enumerate().map(|(v, &k)| (v as f64 - m).powi(2) * k as f64).sum::<f64>()
+            / n as f64;
+        mean[c] = (m / 255.0) as f32;
+        std[c] = (var.sqrt() / 255.0).max(1e-6) as f32;
+    }
+    (mean, std)
+}

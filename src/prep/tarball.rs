@@ -1,0 +1,187 @@
+//! Reading the input: a gzipped tarball, a plain tar, or an extracted directory, streamed member
+//! by member (gzip → tar → bytes) with nothing written to disk, hashing the input as it passes.
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use md5::Md5;
+use sha2::{Digest, Sha256};
+
+use super::layout::{MAX_MEMBER_BYTES, Role, role_of};
+use crate::error::{Error, IoContext, Result};
+
+/// Digests of the input, taken while it is read.
+#[derive(Debug, Clone, Default)]
+pub struct SourceInfo {
+    /// The input's file or directory name.
+    pub name: String,
+    /// Bytes read.
+    pub bytes: u64,
+    /// md5 of a tarball (compared with the official sums); `None` for a directory.
+    pub md5: Option<String>,
+    /// sha256 of the tarball, or of the batch files' contents in name order for a directory.
+    pub sha256: String,
+}
+
+/// The first bytes tell a gzip stream (`1f 8b`) and a tar (`ustar` at 257) apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputKind {
+    /// A `.tar.gz`.
+    Gzip,
+    /// A plain `.tar`.
+    Tar,
+    /// An extracted directory.
+    Dir,
+}
+
+/// Recognises an input by its content.
+pub fn input_kind(path: &Path) -> Result<InputKind> {
+    let meta = std::fs::metadata(path).at(path)?;
+    if meta.is_dir() {
+        return Ok(InputKind::Dir);
+    }
+    let mut head = [0u8; 512];
+    let mut f = File::open(path).at(path)?;
+    let n = read_up_to(&mut f, &mut head).at(path)?;
+    if n >= 2 && head[..2] == [0x1f, 0x8b] {
+        Ok(InputKind::Gzip)
+    } else if n >= 262 && &head[257..262] == b"ustar" {
+        Ok(InputKind::Tar)
+    } else {
+        Err(Error::format(path, "not a gzip file, a tar archive or a directory"))
+    }
+}
+
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Hashes what passes through it and counts it for the progress bar.
+struct Hashing<R> {
+    inner: R,
+    md5: Md5,
+    sha: Sha256,
+    bytes: u64,
+    progress: indicatif::ProgressBar,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.md5.update(&buf[..n]);
+        self.sha.update(&buf[..n]);
+        self.bytes += n as u64;
+        self.progress.set_position(self.bytes);
+        Ok(n)
+    }
+}
+
+/// Calls `visit(role, member_name, path_for_errors, bytes)` for each CIFAR member of `input`,
+/// in archive order (name order for a directory), and returns the input's digests.
+pub fn for_each_member(
+    input: &Path,
+    progress: &indicatif::ProgressBar,
+    mut visit: impl FnMut(Role, &str, &Path, Vec<u8>) -> Result<()>,
+) -> Result<SourceInfo> {
+    let name = input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    match input_kind(input)? {
+        InputKind::Dir => read_dir(input, name, &mut visit),
+        kind => {
+            let file = File::open(input).at(input)?;
+            progress.set_length(file.metadata().at(input)?.len());
+            let mut hashing = Hashing {
+                inner: file,
+                md5: Md5::new(),
+                sha: Sha256::new(),
+                bytes: 0,
+                progress: progress.clone(),
+            };
+            let corrupt = |e: io::Error| Error::format(input, format!("corrupt or truncated archive: {e}"));
+            {
+                let stream: Box<dyn Read + '_> = match kind {
+                    InputKind::Gzip => Box::new(flate2::read::GzDecoder::new(&mut hashing)),
+                    _ => Box::new(&mut hashing),
+                };
+                let mut archive = tar::Archive::new(stream);
+                for entry in archive.entries().map_err(corrupt)? {
+                    let mut entry = entry.map_err(corrupt)?;
+                    if !entry.header().entry_type().is_file() {
+                        continue;
+                    }
+                    let member = entry.path().map_err(corrupt)?.to_string_lossy().into_owned();
+                    let Some(role) = role_of(&member) else { continue };
+                    let size = entry.size();
+                    let at = input.join(&member);
+                    if size > MAX_MEMBER_BYTES {
+                        return Err(Error::format(&at, format!("member of {size} bytes is too large")));
+                    }
+                    let mut bytes = Vec::with_capacity(size as usize);
+                    entry.read_to_end(&mut bytes).map_err(corrupt)?;
+                    if bytes.len() as u64 != size {
+                        return Err(corrupt(io::ErrorKind::UnexpectedEof.into()));
+                    }
+                    visit(role, &member, &at, bytes)?;
+                }
+                // Read the gzip trailer too: its CRC check catches a corrupt tail, and the
+                // digests cover the whole file.
+                let mut rest = archive.into_inner();
+                io::copy(&mut rest, &mut io::sink()).map_err(corrupt)?;
+            }
+            io::copy(&mut hashing, &mut io::sink()).at(input)?;
+            Ok(SourceInfo {
+                name,
+                bytes: hashing.bytes,
+                md5: Some(hex(&hashing.md5.finalize())),
+                sha256: hex(&hashing.sha.finalize()),
+            })
+        }
+    }
+}
+
+fn read_dir(
+    dir: &Path,
+    name: String,
+    visit: &mut impl FnMut(Role, &str, &Path, Vec<u8>) -> Result<()>,
+) -> Result<SourceInfo> {
+    // The batches sit in the directory itself or one level down (`data/cifar-10-batches-bin/`).
+    let mut files: Vec<(String, PathBuf)> = Vec::new();
+    for entry in std::fs::read_dir(dir).at(dir)? {
+        let path = entry.at(dir)?.path();
+        if path.is_dir() {
+            for sub in std::fs::read_dir(&path).at(&path)? {
+                let p = sub.at(&path)?.path();
+                files.push((format!("{}/{}", file_name(&path), file_name(&p)), p));
+            }
+        } else {
+            files.push((file_name(&path), path));
+        }
+    }
+    files.retain(|(member, p)| p.is_file() && role_of(member).is_some());
+    files.sort();
+    let mut sha = Sha256::new();
+    let mut bytes_read = 0;
+    for (member, path) in files {
+        let bytes = std::fs::read(&path).at(&path)?;
+        sha.update(member.as_bytes());
+        sha.update(&bytes);
+        bytes_read += bytes.len() as u64;
+        visit(role_of(&member).unwrap(), &member, &path, bytes)?;
+    }
+    Ok(SourceInfo { name, bytes: bytes_read, md5: None, sha256: hex(&sha.finalize()) })
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// Lower-case hex of a digest.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

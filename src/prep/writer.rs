@@ -1,0 +1,218 @@
+//! Writing a split as a safetensors file, streamed: pixels go to disk as batches arrive, and the
+//! header (whose sizes and digests are known only at the end) goes last into space reserved in
+//! front, padded with spaces as the format allows. Written to a temporary name, synced, renamed.
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use safetensors::Dtype;
+use safetensors::tensor::{Metadata, TensorInfo};
+
+use super::layout::{BYTES_PER_IMAGE, CHANNELS, Records, SIDE};
+use crate::error::{Error, IoContext, Result};
+
+/// Where the tensor data starts: the 8-byte header length plus a header of at most 16 KiB - 8,
+/// which also keeps every image row 4-byte (indeed page-) aligned in the memory map.
+pub const DATA_START: u64 = 16 * 1024;
+
+/// How pixels are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreDtype {
+    /// Normalized `f32`, ready to be a tensor.
+    F32,
+    /// Raw bytes, 4× smaller; normalized by the loader with the mean/std in the metadata.
+    U8,
+}
+
+impl StoreDtype {
+    /// `f32` or `u8`, as in the metadata.
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreDtype::F32 => "f32",
+            StoreDtype::U8 => "u8",
+        }
+    }
+
+    /// Bytes per stored pixel value.
+    pub fn size(self) -> usize {
+        match self {
+            StoreDtype::F32 => 4,
+            StoreDtype::U8 => 1,
+        }
+    }
+}
+
+/// `ToTensor()` then `Normalize(mean, std)` for each possible byte, per channel: the same f32
+/// operations in the same order as torchvision, so the values agree exactly.
+#[derive(Clone)]
+pub struct Normalize {
+    lut: [[f32; 256]; CHANNELS],
+}
+
+impl Normalize {
+    /// The table for per-channel `mean` and `std`.
+    pub fn new(mean: [f32; 3], std: [f32; 3]) -> Self {
+        let mut lut = [[0f32; 256]; CHANNELS];
+        for (c, table) in lut.iter_mut().enumerate() {
+            for (x, v) in table.iter_mut().enumerate() {
+                *v = (x as f32 / 255.0 - mean[c]) / std[c];
+            }
+        }
+        Normalize { lut }
+    }
+
+    /// Normalizes one planar `[3, 32, 32]` image into `out`.
+    #[inline]
+    pub fn image(&self, pixels: &[u8], out: &mut [f32]) {
+        debug_assert_eq!(pixels.len(), BYTES_PER_IMAGE);
+        for c in 0..CHANNELS {
+            let plane = c * SIDE * SIDE..(c + 1) * SIDE * SIDE;
+            for (o, &p) in out[plane.clone()].iter_mut().zip(&pixels[plane]) {
+                *o = self.lut[c][p as usize];
+            }
+        }
+    }
+}
+
+/// One split's tensor file being written.
+pub struct TensorFileWriter {
+    tmp: PathBuf,
+    file: Option<File>,
+    dtype: StoreDtype,
+    images: usize,
+    labels: Vec<i64>,
+    coarse: Vec<i64>,
+    scratch: Vec<u8>,
+}
+
+impl TensorFileWriter {
+    /// Opens a temporary file beside `final_dir/<tag>` (so the rename is atomic).
+    pub fn create(dir: &Path, tag: &str, dtype: StoreDtype) -> Result<Self> {
+        let tmp = dir.join(format!(".{tag}.{}.tmp", std::process::id()));
+        let mut file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).at(&tmp)?;
+        file.seek(SeekFrom::Start(DATA_START)).at(&tmp)?;
+        Ok(TensorFileWriter {
+            tmp,
+            file: Some(file),
+            dtype,
+            images: 0,
+            labels: Vec::new(),
+            coarse: Vec::new(),
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Images written so far.
+    pub fn images(&self) -> usize {
+        self.images
+    }
+
+    /// Appends a batch of records, normalized with `norm` when storing f32.
+    pub fn push(&mut self, records: &Records, norm: &Normalize) -> Result<()> {
+        let file = self.file.as_mut().expect("push after finish");
+        match self.dtype {
+            StoreDtype::U8 => file.write_all(&records.pixels).at(&self.tmp)?,
+            StoreDtype::F32 => {
+                // 256 images at a time: large writes, little memory.
+                const CHUNK: usize = 256;
+                let mut floats = vec![0f32; CHUNK * BYTES_PER_IMAGE];
+                for chunk in records.pixels.chunks(CHUNK * BYTES_PER_IMAGE) {
+                    let n = chunk.len() / BYTES_PER_IMAGE;
+                    for (img, out) in
+                        chunk.chunks_exact(BYTES_PER_IMAGE).zip(floats.chunks_exact_mut(BYTES_PER_IMAGE))
+                    {
+                        norm.image(img, out);
+                    }
+                    self.scratch.clear();
+                    self.scratch.extend(floats[..n * BYTES_PER_IMAGE].iter().flat_map(|f| f.to_le_bytes()));
+                    file.write_all(&self.scratch).at(&self.tmp)?;
+                }
+            }
+        }
+        self.images += records.len();
+        self.labels.extend_from_slice(&records.labels);
+        if let Some(c) = &records.coarse {
+            self.coarse.extend_from_slice(c);
+        }
+        Ok(())
+    }
+
+    /// Writes labels and header and syncs; `Sealed::persist` then gives the file its name, so
+    /// that several splits appear only once all of them are complete.
+    pub fn finish(mut self, metadata: HashMap<String, String>) -> Result<Sealed> {
+        let file = self.file.as_mut().expect("finish twice");
+        let n = self.images;
+        let image_bytes = n * BYTES_PER_IMAGE * self.dtype.size();
+        let dtype = match self.dtype {
+            StoreDtype::F32 => Dtype::F32,
+            StoreDtype::U8 => Dtype::U8,
+        };
+        let mut tensors = vec![
+            (
+                "images".to_string(),
+                TensorInfo { dtype, shape: vec![n, CHANNELS, SIDE, SIDE], data_offsets: (0, image_bytes) },
+            ),
+            (
+                "labels".to_string(),
+                TensorInfo {
+                    dtype: Dtype::I64,
+                    shape: vec![n],
+                    data_offsets: (image_bytes, image_bytes + 8 * n),
+                },
+            ),
+        ];
+        let mut tail: Vec<u8> = self.labels.iter().flat_map(|l| l.to_le_bytes()).collect();
+        if !self.coarse.is_empty() {
+            let start = image_bytes + 8 * n;
+            tensors.push((
+                "coarse_labels".to_string(),
+                TensorInfo { dtype: Dtype::I64, shape: vec![n], data_offsets: (start, start + 8 * n) },
+            ));
+            tail.extend(self.coarse.iter().flat_map(|l| l.to_le_bytes()));
+        }
+        file.write_all(&tail).at(&self.tmp)?;
+        let header = Metadata::new(Some(metadata), tensors)
+            .map_err(|e| Error::format(&self.tmp, format!("header: {e}")))?;
+        let mut header = serde_json::to_vec(&header).expect("header serializes");
+        let room = (DATA_START - 8) as usize;
+        if header.len() > room {
+            return Err(Error::format(&self.tmp, format!("header of {} bytes exceeds {room}", header.len())));
+        }
+        header.resize(room, b' ');
+        file.seek(SeekFrom::Start(0)).at(&self.tmp)?;
+        file.write_all(&(room as u64).to_le_bytes()).at(&self.tmp)?;
+        file.write_all(&header).at(&self.tmp)?;
+        file.sync_all().at(&self.tmp)?;
+        let size = file.metadata().at(&self.tmp)?.len();
+        self.file = None;
+        Ok(Sealed { tmp: std::mem::take(&mut self.tmp), size })
+    }
+}
+
+/// A complete, synced tensor file still under its temporary name (removed if dropped).
+pub struct Sealed {
+    tmp: PathBuf,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+impl Sealed {
+    /// Renames it to `path`, atomically replacing any earlier file there.
+    pub fn persist(self, path: &Path) -> Result<()> {
+        std::fs::rename(&self.tmp, path).at(path)
+    }
+}
+
+impl Drop for Sealed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+impl Drop for TensorFileWriter {
+    /// An unfinished file is removed: a failed run leaves no partial output behind.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}

@@ -1,0 +1,209 @@
+//! The tensor file, opened: its header checked against the file's length, then memory-mapped
+//! read-only, so samples are read straight from the page cache and never copied onto the heap.
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::Dtype;
+use safetensors::tensor::Metadata;
+
+use crate::error::{Error, IoContext, Result};
+use crate::prep::StoreDtype;
+use crate::prep::layout::{BYTES_PER_IMAGE, CHANNELS, SIDE};
+
+/// The largest header read (safetensors' own limit).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// A prepared split (`cifar10-train.safetensors`, ...), mapped and validated.
+pub struct TensorFile {
+    path: PathBuf,
+    map: Mmap,
+    len: usize,
+    dtype: StoreDtype,
+    images: Range<usize>,
+    labels: Range<usize>,
+    coarse: Option<Range<usize>>,
+    metadata: HashMap<String, String>,
+    classes: Vec<String>,
+    mean: [f32; 3],
+    std: [f32; 3],
+}
+
+impl std::fmt::Debug for TensorFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TensorFile").field("path", &self.path).field("len", &self.len).finish()
+    }
+}
+
+impl TensorFile {
+    /// Opens and validates `path`. A truncated or corrupt file is an error here, never a
+    /// SIGBUS later: every tensor's extent is checked against the file's length before mapping.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bad = |msg: String| Error::format(path, msg);
+        let mut file = File::open(path).at(path)?;
+        let file_len = file.metadata().at(path)?.len();
+        let mut n = [0u8; 8];
+        if file_len < 8 {
+            return Err(bad(format!("{file_len} bytes is too short for a safetensors file")));
+        }
+        file.read_exact(&mut n).at(path)?;
+        let n = u64::from_le_bytes(n);
+        if n > MAX_HEADER || 8 + n > file_len {
+            return Err(bad(format!(
+                "header length {n} does not fit in the file's {file_len} bytes (truncated?)"
+            )));
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact(&mut header).at(path)?;
+        let header: Metadata =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("corrupt safetensors header: {e}")))?;
+        let data_start = 8 + n as usize;
+        let data_len = header.data_len() as u64;
+        if 8 + n + data_len != file_len {
+            return Err(bad(format!(
+                "the header describes {} bytes but the file holds {file_len} (truncated or corrupt)",
+                8 + n + data_len
+            )));
+        }
+        let images = header.info("images").ok_or_else(|| bad("no 'images' tensor".into()))?;
+        let dtype = match images.dtype {
+            Dtype::F32 => StoreDtype::F32,
+            Dtype::U8 => StoreDtype::U8,
+            d => return Err(bad(format!("'images' has dtype {d:?}, expected F32 or U8"))),
+        };
+        let len = images.shape.first().copied().unwrap_or(0);
+        if images.shape != [len, CHANNELS, SIDE, SIDE] {
+            return Err(bad(format!("'images' has shape {:?}, expected [N, 3, 32, 32]", images.shape)));
+        }
+        let extent = |name: &str| -> Result<Option<Range<usize>>> {
+            let Some(info) = header.info(name) else { return Ok(None) };
+            if info.dtype != Dtype::I64 || info.shape != [len] {
+                return Err(bad(format!(
+                    "'{name}' is {:?} {:?}, expected I64 [{len}]",
+                    info.dtype, info.shape
+                )));
+            }
+            let r = data_start + info.data_offsets.0..data_start + info.data_offsets.1;
+            if r.start % 8 != 0 {
+                return Err(bad(format!("'{name}' is not 8-byte aligned")));
+            }
+            Ok(Some(r))
+        };
+        let labels = extent("labels")?.ok_or_else(|| bad("no 'labels' tensor".into()))?;
+        let coarse = extent("coarse_labels")?;
+        let images = data_start + images.data_offsets.0..data_start + images.data_offsets.1;
+        if images.start % 4 != 0 {
+            return Err(bad("'images' is not 4-byte aligned".into()));
+        }
+        let metadata = header.metadata().clone().unwrap_or_default();
+        let classes: Vec<String> = match metadata.get("classes").map(|v| serde_json::from_str(v)) {
+            Some(Ok(c)) => c,
+            Some(Err(e)) => return Err(bad(format!("metadata 'classes': {e}"))),
+            None => Vec::new(),
+        };
+        let triple = |key: &str| -> Result<[f32; 3]> {
+            match metadata.get(key).map(|v| serde_json::from_str(v)) {
+                Some(Ok(v)) => Ok(v),
+                Some(Err(e)) => Err(bad(format!("metadata '{key}': {e}"))),
+                None => Ok([0.5; 3]),
+            }
+        };
+        let (mean, std) = (triple("mean")?, triple("std")?);
+        if std.iter().any(|&s| s.is_nan() || s <= 0.0) {
+            return Err(bad(format!("metadata 'std' {std:?} is not positive")));
+        }
+
+        // SAFETY: the file is opened read-only and its extent was checked above, so every range
+        // we read lies inside the mapping. The mapping is undefined behaviour only if another
+        // process truncates or rewrites the file while it is mapped; `cifar-prep` never does that
+        // (it writes a new file and renames it over the old name, leaving mapped pages intact).
+        let map = unsafe { Mmap::map(&file) }.at(path)?;
+        let out = TensorFile {
+            path: path.to_path_buf(),
+            map,
+            len,
+            dtype,
+            images,
+            labels,
+            coarse,
+            metadata,
+            classes,
+            mean,
+            std,
+        };
+        let classes = if out.classes.is_empty() { usize::MAX } else { out.classes.len() };
+        if let Some(i) = out.labels().iter().position(|&l| l < 0 || l as usize >= classes) {
+            return Err(bad(format!("label {} of sample {i} is out of range", out.labels()[i])));
+        }
+        Ok(out)
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are no samples.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// How pixels are stored.
+    pub fn dtype(&self) -> StoreDtype {
+        self.dtype
+    }
+
+    /// Class names, in label order (empty if the file names none).
+    pub fn classes(&self) -> &[String] {
+        &self.classes
+    }
+
+    /// Per-channel mean used to normalize (of pixel / 255).
+    pub fn mean(&self) -> [f32; 3] {
+        self.mean
+    }
+
+    /// Per-channel std used to normalize.
+    pub fn std(&self) -> [f32; 3] {
+        self.std
+    }
+
+    /// The header's `__metadata__` strings.
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
+    /// All labels, straight from the map.
+    pub fn labels(&self) -> &[i64] {
+        bytemuck::cast_slice(&self.map[self.labels.clone()])
+    }
+
+    /// CIFAR-100's coarse labels.
+    pub fn coarse_labels(&self) -> Option<&[i64]> {
+        self.coarse.clone().map(|r| bytemuck::cast_slice(&self.map[r]))
+    }
+
+    /// The stored bytes of image `i` (`3*32*32` values of [`TensorFile::dtype`]).
+    /// Panics if `i >= len()`, like slice indexing.
+    #[inline]
+    pub fn image_bytes(&self, i: usize) -> &[u8] {
+        assert!(i < self.len, "sample {i} out of range for {} samples", self.len);
+        let size = BYTES_PER_IMAGE * self.dtype.size();
+        let start = self.images.start + i * size;
+        &self.map[start..start + size]
+    }
+
+    /// The raw stored bytes of all images.
+    pub fn all_image_bytes(&self) -> &[u8] {
+        &self.map[self.images.clone()]
+    }
+}

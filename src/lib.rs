@@ -9,12 +9,50 @@ The crate follows the data, one module a stage:
   one safetensors file per split: `images [N,3,32,32]` and `labels [N]`. The `cifar-prep`
   binary is a thin front for [`prep::prepare`].
 * [`store`] opens such a file: [`TensorFile`] validates it, then memory-maps it.
+* [`source`] is where samples come from: the [`Source`] trait, [`Dataset`] over a tensor file,
+  and [`ImageFolder`] over `root/<class>/<image>.png` for your own data.
+* [`sampler`] decides each epoch's order from `(seed, epoch)`; [`augment`] crops and flips.
+* [`loader`]: the [`Loader`]'s worker threads fill reusable (pinned, on CUDA) buffers ahead of
+  the consumer and hand them out in order as [`Batch`]es of tch tensors.
+
+
+```no_run
+use cifar_fast::{Augment, Dataset, Loader};
+use tch::Device;
+
+let train = Dataset::open("data/cifar10-train.safetensors")?;
+let mut loader = Loader::builder(train)
+    .batch_size(32)
+    .shuffle(true)
+    .seed(7)
+    .num_workers(2)
+    .prefetch(4)
+    .augment(Augment::standard())
+    .device(Device::cuda_if_available())
+    .build()?;
+for epoch in 0..10 {
+    for batch in loader.epoch(epoch) {
+        let batch = batch?;
+        // batch.images: [32, 3, 32, 32] f32, batch.labels: [32] i64, on the device
+    }
+}
+# Ok::<(), cifar_fast::Error>(())
+```
 */
 #![deny(missing_docs)]
 
+pub mod augment;
 pub mod error;
+pub mod image_folder;
+pub mod loader;
 pub mod prep;
+pub mod sampler;
+pub mod source;
 pub mod store;
 
+pub use augment::{Augment, Padding};
 pub use error::{Error, Result};
+pub use image_folder::{ImageFolder, SizePolicy};
+pub use loader::{Batch, Epoch, Loader, LoaderBuilder};
+pub use source::{Dataset, Source};
 pub use store::TensorFile;

@@ -152,3 +152,24 @@ pub fn python() -> PathBuf {
 pub fn shared() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared")
 }
+
+/// A prepared CIFAR-10 train file of `5 * per_batch` synthetic images in `dir`.
+pub fn tensor_file(dir: &Path, per_batch: usize, dtype: cifar_fast::prep::StoreDtype) -> PathBuf {
+    let tgz = dir.join("synthetic.tar.gz");
+    tar_gz(&tgz, &cifar10_members(per_batch, per_batch, false));
+    let opts = cifar_fast::prep::PrepOptions { dtype, ..Default::default() };
+    cifar_fast::prep::prepare(&tgz, dir, &opts, &indicatif::ProgressBar::hidden()).unwrap();
+    dir.join("cifar10-train.safetensors")
+}
+
+/// Every batch of one epoch as (indices, image values, labels).
+pub fn collect(epoch: cifar_fast::Epoch<'_>) -> Vec<(Vec<usize>, Vec<f32>, Vec<i64>)> {
+    epoch
+        .map(|b| {
+            let b = b.unwrap();
+            let images = Vec::<f32>::try_from(b.images.flatten(0, -1)).unwrap();
+            let labels = Vec::<i64>::try_from(&b.labels).unwrap();
+            (b.indices.clone(), images, labels)
+        })
+        .collect()
+}

@@ -1,0 +1,160 @@
+//! A [`Source`] over a folder of images, `root/<class>/*.{png,jpg,...}`, like torchvision's
+//! `ImageFolder`: classes are the sub-folders in sorted order, images are decoded by the
+//! loader's workers with the `image` crate.
+use std::path::{Path, PathBuf};
+
+use image::imageops::FilterType;
+
+use crate::error::{Error, IoContext, Result};
+use crate::prep::Normalize;
+use crate::source::Source;
+
+/// What to do with an image whose size is not the expected one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizePolicy {
+    /// Refuse it: reading it is an error naming the file and both sizes.
+    Reject,
+    /// Resize it (bilinear) to the expected size.
+    Resize,
+}
+
+/// Images in class folders.
+#[derive(Debug)]
+pub struct ImageFolder {
+    samples: Vec<(PathBuf, i64)>,
+    classes: Vec<String>,
+    side: (u32, u32),
+    policy: SizePolicy,
+    mean: [f32; 3],
+    std: [f32; 3],
+    norm: std::sync::Arc<NormalizeBox>,
+}
+
+/// `Normalize` is large (3 KiB of tables); one shared copy serves every worker.
+struct NormalizeBox(Normalize);
+
+impl std::fmt::Debug for NormalizeBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Normalize")
+    }
+}
+
+const EXTENSIONS: [&str; 7] = ["png", "jpg", "jpeg", "bmp", "gif", "webp", "tif"];
+
+impl ImageFolder {
+    /// Lists `root`'s class folders and their images (sorted, so the index order is stable).
+    /// By default images must be 32×32 (`SizePolicy::Reject`) and are normalized with the
+    /// tutorial's mean = std = 0.5.
+    pub fn new(root: impl AsRef<Path>) -> Result<Self> {
+        let root = root.as_ref();
+        let mut classes: Vec<String> = Vec::new();
+        for e in std::fs::read_dir(root).at(root)? {
+            let p = e.at(root)?.path();
+            if p.is_dir() {
+                classes.push(p.file_name().unwrap().to_string_lossy().into_owned());
+            }
+        }
+        classes.sort();
+        let mut samples = Vec::new();
+        for (label, class) in classes.iter().enumerate() {
+            let dir = root.join(class);
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .at(&dir)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.extension()
+                        .and_then(|x| x.to_str())
+                        .is_some_and(|x| EXTENSIONS.contains(&x.to_ascii_lowercase().as_str()))
+                })
+                .collect();
+            files.sort();
+            samples.extend(files.into_iter().map(|p| (p, label as i64)));
+        }
+        if samples.is_empty() {
+            return Err(Error::format(root, "no images in class sub-folders (expected root/<class>/*.png)"));
+        }
+        let (mean, std) = ([0.5; 3], [0.5; 3]);
+        Ok(ImageFolder {
+            samples,
+            classes,
+            side: (32, 32),
+            policy: SizePolicy::Reject,
+            mean,
+            std,
+            norm: std::sync::Arc::new(NormalizeBox(Normalize::new(mean, std))),
+        })
+    }
+
+    /// The expected `(width, height)`. By default, 32×32.
+    pub fn size(mut self, width: u32, height: u32) -> Self {
+        self.side = (width, height);
+        self
+    }
+
+    /// What to do with other sizes. By default, `Reject`.
+    pub fn policy(mut self, policy: SizePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Per-channel mean and std (of pixel / 255). By default, 0.5 and 0.5.
+    pub fn normalize(mut self, mean: [f32; 3], std: [f32; 3]) -> Self {
+        self.mean = mean;
+        self.std = std;
+        self.norm = std::sync::Arc::new(NormalizeBox(Normalize::new(mean, std)));
+        self
+    }
+
+    /// The image files and labels, in index order.
+    pub fn samples(&self) -> &[(PathBuf, i64)] {
+        &self.samples
+    }
+}
+
+impl Source for ImageFolder {
+    fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    fn sample_shape(&self) -> [usize; 3] {
+        [3, self.side.1 as usize, self.side.0 as usize]
+    }
+
+    fn read_into(&self, index: usize, out: &mut [f32]) -> Result<i64> {
+        let (path, label) = &self.samples[index];
+        let img = image::open(path).map_err(|e| Error::format(path, format!("cannot decode: {e}")))?;
+        let mut rgb = img.to_rgb8();
+        let (w, h) = self.side;
+        if rgb.dimensions() != (w, h) {
+            match self.policy {
+                SizePolicy::Reject => {
+                    let (iw, ih) = rgb.dimensions();
+                    return Err(Error::format(path, format!("is {iw}x{ih}, expected {w}x{h}")));
+                }
+                SizePolicy::Resize => rgb = image::imageops::resize(&rgb, w, h, FilterType::Triangle),
+            }
+        }
+        let plane = (w * h) as usize;
+        if w == 32 && h == 32 {
+            // HWC to planar CHW, then the same lookup tables as the tensor files use.
+            let mut chw = [0u8; 3 * 32 * 32];
+            for (i, px) in rgb.pixels().enumerate() {
+                for c in 0..3 {
+                    chw[c * plane + i] = px.0[c];
+                }
+            }
+            self.norm.0.image(&chw, out);
+        } else {
+            for (i, px) in rgb.pixels().enumerate() {
+                for c in 0..3 {
+                    out[c * plane + i] = (px.0[c] as f32 / 255.0 - self.mean[c]) / self.std[c];
+                }
+            }
+        }
+        Ok(*label)
+    }
+
+    fn classes(&self) -> Vec<String> {
+        self.classes.clone()
+    }
+}

@@ -1,0 +1,490 @@
+//! The prefetch pipeline: a [`Loader`] hands out an epoch's batches in order while its worker
+//! threads fill the next ones.
+//!
+//! ```text
+//!  consumer (Epoch::next)                      workers ×N
+//!   sampler → (seq, indices) + free slot ──jobs──▶ gather + augment into the slot
+//!   reorder by seq ◀──────────────────────done── (seq, slot) | (seq, slot, error)
+//!   Batch { images, labels } ─▶ training step; slot back to the pool
+//! ```
+//!
+//! The consumer pairs each job with a slot in sequence order, so slots are never held by a
+//! later batch while an earlier one waits (no deadlock however the workers are scheduled), and
+//! at most `prefetch` batches are dispatched ahead of the one being consumed (bounded memory).
+mod slots;
+mod worker;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+use tch::{Device, Tensor};
+
+use self::slots::Slot;
+use self::worker::{Done, Job, Recipe};
+use crate::augment::Augment;
+use crate::error::{Error, Result};
+use crate::sampler::Sampler;
+use crate::source::Source;
+
+/// One batch, as the model receives it.
+///
+/// On the CPU, `images` and `labels` are views of the loader's buffer (no copy was made): they
+/// are valid while the `Batch` lives, and the buffer is reused once it is dropped, so
+/// `shallow_clone` them only for the step at hand (`copy()` what you keep). On CUDA they are
+/// device tensors of their own.
+pub struct Batch {
+    /// `[B, C, H, W]` f32, normalized (and augmented), on the loader's device.
+    pub images: Tensor,
+    /// `[B]` i64.
+    pub labels: Tensor,
+    /// The dataset index of each sample.
+    pub indices: Vec<usize>,
+    home: Option<(Slot, Sender<Slot>)>,
+}
+
+impl Batch {
+    /// Samples in the batch.
+    pub fn len(&self) -> usize {
+        self.indices.len()
+    }
+
+    /// Whether the batch is empty (never, for batches a loader yields).
+    pub fn is_empty(&self) -> bool {
+        self.indices.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch").field("images", &self.images.size()).field("indices", &self.indices).finish()
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        if let Some((slot, pool)) = self.home.take() {
+            let _ = pool.send(slot);
+        }
+    }
+}
+
+/// Settings for a [`Loader`], with PyTorch's `DataLoader` names.
+pub struct LoaderBuilder {
+    source: Arc<dyn Source>,
+    batch_size: usize,
+    shuffle: bool,
+    seed: u64,
+    num_workers: usize,
+    prefetch: usize,
+    drop_last: bool,
+    device: Device,
+    augment: Augment,
+    rank: usize,
+    world: usize,
+    start: (u64, usize),
+}
+
+impl LoaderBuilder {
+    /// Samples per batch. By default, 32.
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.batch_size = n;
+        self
+    }
+
+    /// Reshuffle every epoch. By default, true.
+    pub fn shuffle(mut self, yes: bool) -> Self {
+        self.shuffle = yes;
+        self
+    }
+
+    /// The seed of the order and the augmentations. By default, 0.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// Worker threads; 0 fills batches on the consumer's thread. By default, 2.
+    pub fn num_workers(mut self, n: usize) -> Self {
+        self.num_workers = n;
+        self
+    }
+
+    /// Batches made ahead of the one being consumed. By default, 4.
+    pub fn prefetch(mut self, n: usize) -> Self {
+        self.prefetch = n;
+        self
+    }
+
+    /// Drop each epoch's last, short batch. By default, false.
+    pub fn drop_last(mut self, yes: bool) -> Self {
+        self.drop_last = yes;
+        self
+    }
+
+    /// Where batches go; on CUDA the host buffers are pinned and copied asynchronously.
+    /// By default, the CPU.
+    pub fn device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// Augmentations applied by the workers. By default, none.
+    pub fn augment(mut self, augment: Augment) -> Self {
+        self.augment = augment;
+        self
+    }
+
+    /// Load only shard `rank` of `world` (every `world`-th sample of the epoch's permutation).
+    /// By default, 0 of 1.
+    pub fn shard(mut self, rank: usize, world: usize) -> Self {
+        self.rank = rank;
+        self.world = world;
+        self
+    }
+
+    /// Start at `epoch`, skipping its first `step` batches (to resume a run). By default, (0, 0).
+    pub fn start_at(mut self, epoch: u64, step: usize) -> Self {
+        self.start = (epoch, step);
+        self
+    }
+
+    /// Checks the settings and starts the workers.
+    pub fn build(self) -> Result<Loader> {
+        if self.batch_size == 0 {
+            return Err(Error::Config("batch_size must be at least 1".into()));
+        }
+        if self.prefetch == 0 {
+            return Err(Error::Config("prefetch must be at least 1".into()));
+        }
+        if self.world == 0 || self.rank >= self.world {
+            return Err(Error::Config(format!(
+                "shard rank {} is not below world size {}",
+                self.rank, self.world
+            )));
+        }
+        if self.source.is_empty() {
+            return Err(Error::Config("the dataset is empty".into()));
+        }
+        let sampler = Sampler {
+            len: self.source.len(),
+            batch_size: self.batch_size,
+            shuffle: self.shuffle,
+            seed: self.seed,
+            drop_last: self.drop_last,
+            rank: self.rank,
+            world: self.world,
+        };
+        if self.start.1 > sampler.batches_per_epoch() {
+            return Err(Error::Config(format!(
+                "start step {} is past the epoch's {} batches",
+                self.start.1,
+                sampler.batches_per_epoch()
+            )));
+        }
+        let recipe = Recipe {
+            shape: self.source.sample_shape(),
+            source: self.source,
+            augment: self.augment,
+            seed: self.seed,
+        };
+        let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job>();
+        let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
+        let mut workers = Vec::with_capacity(self.num_workers);
+        for i in 0..self.num_workers {
+            let (recipe, jobs, done) = (recipe.clone(), job_rx.clone(), done_tx.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("cifar-loader-{i}"))
+                .spawn(move || worker::work(recipe, jobs, done))
+                .map_err(|e| Error::Config(format!("cannot start a worker thread: {e}")))?;
+            workers.push(handle);
+        }
+        let (free_tx, free_rx) = crossbeam_channel::unbounded();
+        Ok(Loader {
+            recipe,
+            sampler,
+            device: self.device,
+            prefetch: self.prefetch,
+            jobs: Some(job_tx),
+            done: done_rx,
+            free_tx,
+            free_rx,
+            slots: 0,
+            in_flight: Vec::new(),
+            workers,
+            next_epoch: self.start.0,
+            skip: self.start.1,
+        })
+    }
+}
+
+/// Batches from a [`Source`], shuffled, prefetched by worker threads, on a device.
+///
+/// ```no_run
+/// use cifar_fast::{Dataset, Loader};
+/// let train = Dataset::open("data/cifar10-train.safetensors")?;
+/// let mut loader = Loader::builder(train).batch_size(32).num_workers(2).build()?;
+/// for epoch in 0..2 {
+///     for batch in loader.epoch(epoch) {
+///         let batch = batch?;
+///         assert_eq!(batch.images.size()[1..], [3, 32, 32]);
+///     }
+/// }
+/// # Ok::<(), cifar_fast::Error>(())
+/// ```
+pub struct Loader {
+    recipe: Recipe,
+    sampler: Sampler,
+    device: Device,
+    prefetch: usize,
+    /// Closed on drop, which is what stops the workers.
+    jobs: Option<Sender<Job>>,
+    done: Receiver<Done>,
+    /// The pool: slots come back here from dropped batches (CPU) or after a sync (CUDA).
+    free_tx: Sender<Slot>,
+    free_rx: Receiver<Slot>,
+    /// Slots allocated so far (the pool grows only when all are busy).
+    slots: usize,
+    /// CUDA only: slots whose non-blocking copy was issued but not yet synchronised.
+    in_flight: Vec<Slot>,
+    workers: Vec<JoinHandle<()>>,
+    next_epoch: u64,
+    /// Batches to skip at the start of `next_epoch` (set by `start_at`).
+    skip: usize,
+}
+
+impl Loader {
+    /// Settings for a loader over `source`.
+    pub fn builder(source: impl Source + 'static) -> LoaderBuilder {
+        Self::builder_arc(Arc::new(source))
+    }
+
+    /// As [`Loader::builder`], for a source shared with other code.
+    pub fn builder_arc(source: Arc<dyn Source>) -> LoaderBuilder {
+        LoaderBuilder {
+            source,
+            batch_size: 32,
+            shuffle: true,
+            seed: 0,
+            num_workers: 2,
+            prefetch: 4,
+            drop_last: false,
+            device: Device::Cpu,
+            augment: Augment::default(),
+            rank: 0,
+            world: 1,
+            start: (0, 0),
+        }
+    }
+
+    /// The order of batches.
+    pub fn sampler(&self) -> &Sampler {
+        &self.sampler
+    }
+
+    /// The source.
+    pub fn source(&self) -> &Arc<dyn Source> {
+        &self.recipe.source
+    }
+
+    /// Batches in a full epoch.
+    pub fn len(&self) -> usize {
+        self.sampler.batches_per_epoch()
+    }
+
+    /// Whether an epoch has no batches (only with `drop_last` and fewer samples than a batch).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Host buffers allocated so far: `prefetch` plus those the consumer holds.
+    pub fn buffers(&self) -> usize {
+        self.slots
+    }
+
+    /// The next epoch's batches: the epoch after the last one iterated (or the `start_at`
+    /// epoch), like iterating a PyTorch `DataLoader` again.
+    pub fn iter(&mut self) -> Epoch<'_> {
+        let e = self.next_epoch;
+        self.epoch(e)
+    }
+
+    /// Epoch `epoch`'s batches, in order. If `start_at` named this epoch, its first batches
+    /// are skipped.
+    pub fn epoch(&mut self, epoch: u64) -> Epoch<'_> {
+        let skip = if epoch == self.next_epoch { std::mem::take(&mut self.skip) } else { 0 };
+        self.next_epoch = epoch + 1;
+        let batches = self.sampler.batches(epoch);
+        Epoch {
+            loader: self,
+            epoch,
+            batches,
+            dispatched: skip,
+            yielded: skip,
+            ready: BTreeMap::new(),
+            failed: false,
+        }
+    }
+
+    /// A free slot: from the pool, else by synchronising outstanding copies, else a new one.
+    fn take_slot(&mut self) -> Slot {
+        if let Ok(slot) = self.free_rx.try_recv() {
+            return slot;
+        }
+        // The copies read pinned memory after `to_device_` returned; tch offers no CUDA events
+        // to wait for one copy, so we wait for the device (which follows every copy issued) and
+        // only then give those buffers back. Batching the waits (one per `prefetch` steps)
+        // keeps the GPU's queue from draining every step.
+        if self.in_flight.len() >= self.prefetch.max(2)
+            && let Device::Cuda(i) = self.device
+        {
+            tch::Cuda::synchronize(i as i64);
+            let slot = self.in_flight.pop().unwrap();
+            for s in self.in_flight.drain(..) {
+                let _ = self.free_tx.send(s);
+            }
+            return slot;
+        }
+        self.slots += 1;
+        let pin = self.device.is_cuda().then_some(self.device);
+        Slot::new(self.sampler.batch_size, self.recipe.shape, pin)
+    }
+}
+
+impl Drop for Loader {
+    /// Closes the job channel and joins every worker.
+    fn drop(&mut self) {
+        self.jobs = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        if let Device::Cuda(i) = self.device
+            && !self.in_flight.is_empty()
+        {
+            tch::Cuda::synchronize(i as i64);
+        }
+    }
+}
+
+/// One epoch's batches, in order. Dropping it early waits for the batches in progress.
+pub struct Epoch<'a> {
+    loader: &'a mut Loader,
+    epoch: u64,
+    batches: Vec<Vec<usize>>,
+    dispatched: usize,
+    yielded: usize,
+    ready: BTreeMap<usize, Done>,
+    failed: bool,
+}
+
+impl Epoch<'_> {
+    /// The epoch number.
+    pub fn number(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Batches of this epoch not yet yielded.
+    pub fn remaining(&self) -> usize {
+        self.batches.len() - self.yielded
+    }
+
+    /// Keeps `prefetch` batches on their way.
+    fn dispatch(&mut self) {
+        while self.dispatched < self.batches.len() && self.dispatched - self.yielded < self.loader.prefetch {
+            let job = Job {
+                seq: self.dispatched,
+                epoch: self.epoch,
+                indices: std::mem::take(&mut self.batches[self.dispatched]),
+                slot: self.loader.take_slot(),
+            };
+            self.dispatched += 1;
+            match &self.loader.jobs {
+                Some(jobs) if !self.loader.workers.is_empty() => {
+                    jobs.send(job).expect("workers outlive the loader's job channel");
+                }
+                _ => {
+                    let done = self.loader.recipe.run(job, &mut Vec::new());
+                    self.ready.insert(done.seq, done);
+                }
+            }
+        }
+    }
+
+    fn wait_for(&mut self, seq: usize) -> Result<Done> {
+        loop {
+            if let Some(done) = self.ready.remove(&seq) {
+                return Ok(done);
+            }
+            let done = self
+                .loader
+                .done
+                .recv()
+                .map_err(|_| Error::Worker { index: 0, msg: "every loader worker has exited".into() })?;
+            self.ready.insert(done.seq, done);
+        }
+    }
+}
+
+impl Iterator for Epoch<'_> {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Result<Batch>> {
+        if self.failed || self.yielded >= self.batches.len() {
+            return None;
+        }
+        self.dispatch();
+        let done = match self.wait_for(self.yielded) {
+            Ok(done) => done,
+            Err(e) => {
+                self.failed = true;
+                return Some(Err(e));
+            }
+        };
+        self.yielded += 1;
+        if let Err(e) = done.result {
+            self.failed = true;
+            let _ = self.loader.free_tx.send(done.slot);
+            return Some(Err(e));
+        }
+        // Refill before handing over, so the workers run while the consumer computes.
+        self.dispatch();
+        let slot = done.slot;
+        let (images, labels) = slot.views();
+        let indices = slot.indices.clone();
+        let batch = match self.loader.device {
+            Device::Cpu => Batch { images, labels, indices, home: Some((slot, self.loader.free_tx.clone())) },
+            device => {
+                let images = images.to_device_(device, tch::Kind::Float, true, false);
+                let labels = labels.to_device_(device, tch::Kind::Int64, true, false);
+                self.loader.in_flight.push(slot);
+                Batch { images, labels, indices, home: None }
+            }
+        };
+        Some(Ok(batch))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = if self.failed { 0 } else { self.remaining() };
+        (n, Some(n))
+    }
+}
+
+impl Drop for Epoch<'_> {
+    /// Collects the batches still in the workers' hands, so the next epoch starts clean.
+    fn drop(&mut self) {
+        let mut outstanding = self.dispatched - self.yielded - self.ready.len();
+        for (_, done) in std::mem::take(&mut self.ready) {
+            let _ = self.loader.free_tx.send(done.slot);
+        }
+        while outstanding > 0 {
+            match self.loader.done.recv() {
+                Ok(done) => {
+                    let _ = self.loader.free_tx.send(done.slot);
+                    outstanding -= 1;
+                }
+                Err(_) => break,
+            }
+        }
+    }
+}

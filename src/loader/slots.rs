@@ -1,0 +1,60 @@
+//! The batch buffers the workers fill: host tensors allocated once and reused, page-locked
+//! ("pinned") when batches go to a CUDA device so the copy can run asynchronously.
+use tch::{Device, Kind, Tensor};
+
+/// One batch's host memory: `images [capacity, C, H, W]` f32 and `labels [capacity]` i64.
+pub(crate) struct Slot {
+    pub images: Tensor,
+    pub labels: Tensor,
+    /// Samples filled (the last batch of an epoch may be short).
+    pub len: usize,
+    /// The dataset indices of the filled samples.
+    pub indices: Vec<usize>,
+    capacity: usize,
+    sample: usize,
+}
+
+impl Slot {
+    /// A zeroed buffer for `capacity` samples of `shape`; pinned for `pin_for` (a CUDA device).
+    pub fn new(capacity: usize, shape: [usize; 3], pin_for: Option<Device>) -> Self {
+        let dims = [capacity as i64, shape[0] as i64, shape[1] as i64, shape[2] as i64];
+        let mut images = Tensor::zeros(dims, (Kind::Float, Device::Cpu));
+        let mut labels = Tensor::zeros([capacity as i64], (Kind::Int64, Device::Cpu));
+        if let Some(device) = pin_for {
+            images = images.pin_memory(device);
+            labels = labels.pin_memory(device);
+        }
+        assert!(images.is_contiguous() && labels.is_contiguous());
+        Slot {
+            images,
+            labels,
+            len: 0,
+            indices: Vec::with_capacity(capacity),
+            capacity,
+            sample: shape.iter().product(),
+        }
+    }
+
+    /// The image memory as one flat slice, for the worker that owns this slot.
+    pub fn images_mut(&mut self) -> &mut [f32] {
+        // SAFETY: `images` is a contiguous f32 CPU tensor of `capacity * sample` elements that
+        // this slot owns and keeps alive; the slot is `&mut`, so exactly one thread writes it,
+        // and no `Batch` view of it exists while it is being filled (a slot is filled only
+        // after it came back from the consumer or its device copy was synchronised).
+        unsafe {
+            std::slice::from_raw_parts_mut(self.images.data_ptr() as *mut f32, self.capacity * self.sample)
+        }
+    }
+
+    /// The label memory.
+    pub fn labels_mut(&mut self) -> &mut [i64] {
+        // SAFETY: as for `images_mut`: a contiguous i64 tensor of `capacity` elements owned here.
+        unsafe { std::slice::from_raw_parts_mut(self.labels.data_ptr() as *mut i64, self.capacity) }
+    }
+
+    /// The filled part, as views of the buffer (no copy).
+    pub fn views(&self) -> (Tensor, Tensor) {
+        let n = self.len as i64;
+        (self.images.narrow(0, 0, n), self.labels.narrow(0, 0, n))
+    }
+}

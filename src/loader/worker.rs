@@ -1,0 +1,97 @@
+//! The worker threads: each takes a job (an epoch's batch of indices and a free slot), gathers
+//! the samples straight into the slot, augments them, and sends the slot back numbered.
+use std::cell::Cell;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::slots::Slot;
+use crate::augment::Augment;
+use crate::error::{Error, Result};
+use crate::source::Source;
+
+/// A batch to make: its place in the epoch, the samples, and where to put them.
+pub(crate) struct Job {
+    pub seq: usize,
+    pub epoch: u64,
+    pub indices: Vec<usize>,
+    pub slot: Slot,
+}
+
+/// A worker's answer: the slot, filled or not.
+pub(crate) struct Done {
+    pub seq: usize,
+    pub slot: Slot,
+    pub result: Result<()>,
+}
+
+/// What every worker shares.
+#[derive(Clone)]
+pub(crate) struct Recipe {
+    pub source: Arc<dyn Source>,
+    pub augment: Augment,
+    pub seed: u64,
+    pub shape: [usize; 3],
+}
+
+impl Recipe {
+    /// Fills `job.slot`, turning a failure or panic on a sample into an error that names it.
+    pub fn run(&self, job: Job, scratch: &mut Vec<f32>) -> Done {
+        let Job { seq, epoch, indices, mut slot } = job;
+        let current = Cell::new(None);
+        let result =
+            catch_unwind(AssertUnwindSafe(|| self.fill(epoch, &indices, &mut slot, scratch, &current)));
+        let result = match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::Worker { index: current.get().unwrap_or(0), msg: e.to_string() }),
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(Error::Worker { index: current.get().unwrap_or(0), msg: format!("panicked: {msg}") })
+            }
+        };
+        slot.indices = indices;
+        Done { seq, slot, result }
+    }
+
+    fn fill(
+        &self,
+        epoch: u64,
+        indices: &[usize],
+        slot: &mut Slot,
+        scratch: &mut Vec<f32>,
+        current: &Cell<Option<usize>>,
+    ) -> Result<()> {
+        let size: usize = self.shape.iter().product();
+        scratch.resize(size, 0.0);
+        let mut labels = Vec::with_capacity(indices.len());
+        let images = slot.images_mut();
+        for (k, &i) in indices.iter().enumerate() {
+            current.set(Some(i));
+            let out = &mut images[k * size..(k + 1) * size];
+            if self.augment.is_identity() {
+                labels.push(self.source.read_into(i, out)?);
+            } else {
+                labels.push(self.source.read_into(i, scratch)?);
+                self.augment.apply(self.seed, epoch, i, self.shape, scratch, out);
+            }
+        }
+        slot.labels_mut()[..labels.len()].copy_from_slice(&labels);
+        slot.len = indices.len();
+        Ok(())
+    }
+}
+
+/// A worker thread's life: jobs in, filled slots out, until the job channel closes.
+pub(crate) fn work(recipe: Recipe, jobs: Receiver<Job>, done: Sender<Done>) {
+    let mut scratch = Vec::new();
+    for job in jobs {
+        if done.send(recipe.run(job, &mut scratch)).is_err() {
+            break;
+        }
+    }
+}

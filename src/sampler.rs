@@ -1,0 +1,107 @@
+//! Which samples each batch of an epoch holds: a permutation seeded by `(seed, epoch)`, the
+//! shard of it that belongs to `(rank, world)`, cut into batches.
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+/// Mixes integers into one well-spread seed (SplitMix64's finaliser), so that neighbouring
+/// epochs or samples get unrelated random streams.
+pub fn mix(parts: &[u64]) -> u64 {
+    let mut h = 0x9E37_79B9_7F4A_7C15u64;
+    for &p in parts {
+        h ^= p.wrapping_add(0x9E37_79B9_7F4A_7C15).wrapping_add(h << 6).wrapping_add(h >> 2);
+        h = (h ^ (h >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        h = (h ^ (h >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        h ^= h >> 31;
+    }
+    h
+}
+
+/// The order of an epoch, a function of its settings only.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    /// Samples in the dataset.
+    pub len: usize,
+    /// Samples per batch.
+    pub batch_size: usize,
+    /// Permute each epoch (else index order).
+    pub shuffle: bool,
+    /// The base seed.
+    pub seed: u64,
+    /// Drop the last batch of a shard when it is short.
+    pub drop_last: bool,
+    /// This process's shard.
+    pub rank: usize,
+    /// Number of shards.
+    pub world: usize,
+}
+
+impl Sampler {
+    /// This shard's sample indices for `epoch`, in order. Shards take every `world`-th sample
+    /// of the permutation from `rank` on: disjoint, and together the whole epoch.
+    pub fn indices(&self, epoch: u64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.len).collect();
+        if self.shuffle {
+            order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix(&[self.seed, epoch])));
+        }
+        if self.world > 1 {
+            order = order.into_iter().skip(self.rank).step_by(self.world).collect();
+        }
+        order
+    }
+
+    /// Batches in each epoch of this shard.
+    pub fn batches_per_epoch(&self) -> usize {
+        let n = self.len / self.world + usize::from(self.rank < self.len % self.world);
+        if self.drop_last { n / self.batch_size } else { n.div_ceil(self.batch_size) }
+    }
+
+    /// `epoch`'s batches, each a list of sample indices.
+    pub fn batches(&self, epoch: u64) -> Vec<Vec<usize>> {
+        let idx = self.indices(epoch);
+        let mut out: Vec<Vec<usize>> = idx.chunks(self.batch_size).map(<[usize]>::to_vec).collect();
+        if self.drop_last && out.last().is_some_and(|b| b.len() < self.batch_size) {
+            out.pop();
+        }
+        debug_assert_eq!(out.len(), self.batches_per_epoch());
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampler(len: usize, rank: usize, world: usize, drop_last: bool) -> Sampler {
+        Sampler { len, batch_size: 4, shuffle: true, seed: 3, drop_last, rank, world }
+    }
+
+    #[test]
+    fn an_epoch_is_a_permutation_that_depends_on_seed_and_epoch() {
+        let s = sampler(10, 0, 1, false);
+        let mut e0 = s.indices(0);
+        assert_ne!(e0, s.indices(1));
+        assert_eq!(e0, s.indices(0));
+        e0.sort();
+        assert_eq!(e0, (0..10).collect::<Vec<_>>());
+        assert_eq!(s.batches(0).iter().map(Vec::len).collect::<Vec<_>>(), [4, 4, 2]);
+        assert_eq!(sampler(10, 0, 1, true).batches(0).len(), 2);
+    }
+
+    #[test]
+    fn the_order_is_pinned() {
+        // A fixture recorded from the first run: a change of RNG or mixing would silently change
+        // every resumed run's order, so it must be deliberate.
+        assert_eq!(sampler(8, 0, 1, false).indices(0), [0, 7, 5, 3, 6, 2, 1, 4]);
+    }
+
+    #[test]
+    fn shard_lengths_match_batches_per_epoch() {
+        for world in 1..5 {
+            for rank in 0..world {
+                let s = sampler(11, rank, world, false);
+                assert_eq!(s.batches(2).len(), s.batches_per_epoch());
+            }
+        }
+    }
+}

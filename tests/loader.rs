@@ -1,0 +1,245 @@
+//! The loader's contracts: determinism whatever the threads, exactly-once epochs, shards,
+//! resumption, errors that arrive instead of hangs, custom sources.
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cifar_fast::prep::StoreDtype;
+use cifar_fast::{Augment, Dataset, Error, ImageFolder, Loader, SizePolicy, Source};
+use common::*;
+
+fn dataset(name: &str) -> Arc<Dataset> {
+    let dir = scratch(name);
+    Arc::new(Dataset::open(tensor_file(&dir, 20, StoreDtype::F32)).unwrap())
+}
+
+#[test]
+fn batches_are_the_same_for_any_number_of_workers_and_prefetch_depth() {
+    let data = dataset("loader_determinism");
+    let run = |workers: usize, prefetch: usize| {
+        let mut l = Loader::builder(data.clone())
+            .batch_size(7)
+            .seed(11)
+            .num_workers(workers)
+            .prefetch(prefetch)
+            .augment(Augment::standard())
+            .build()
+            .unwrap();
+        (collect(l.epoch(0)), collect(l.epoch(1)))
+    };
+    let reference = run(0, 1);
+    assert_eq!(reference.0.len(), 15); // 100 samples in batches of 7
+    for workers in [1, 2, 4, 8] {
+        for prefetch in 1..=8 {
+            assert!(run(workers, prefetch) == reference, "{workers} workers, prefetch {prefetch}");
+        }
+    }
+    assert_ne!(reference.0[0].0, reference.1[0].0, "epochs differ");
+}
+
+#[test]
+fn every_sample_once_per_epoch_and_drop_last_drops_only_the_tail() {
+    let data = dataset("loader_once");
+    for drop_last in [false, true] {
+        let mut l = Loader::builder(data.clone()).batch_size(8).drop_last(drop_last).build().unwrap();
+        let batches = collect(l.iter());
+        let mut seen: Vec<usize> = batches.iter().flat_map(|b| b.0.clone()).collect();
+        let sizes: Vec<usize> = batches.iter().map(|b| b.0.len()).collect();
+        assert!(sizes[..sizes.len() - 1].iter().all(|&s| s == 8));
+        if drop_last {
+            assert_eq!(seen.len(), 96);
+            assert_eq!(*sizes.last().unwrap(), 8);
+        } else {
+            assert_eq!(*sizes.last().unwrap(), 4);
+            seen.sort();
+            assert_eq!(seen, (0..100).collect::<Vec<_>>());
+        }
+        // The labels are the file's labels of those indices, and images their rows.
+        let file = data.file();
+        for (idx, images, labels) in &batches {
+            for (k, &i) in idx.iter().enumerate() {
+                assert_eq!(labels[k], file.labels()[i]);
+                let row: &[f32] = bytemuck::cast_slice(file.image_bytes(i));
+                assert_eq!(&images[k * IMG..(k + 1) * IMG], row);
+            }
+        }
+    }
+}
+
+#[test]
+fn shards_are_disjoint_and_cover_the_epoch() {
+    let data = dataset("loader_shards");
+    let mut all = Vec::new();
+    for rank in 0..3 {
+        let mut l = Loader::builder(data.clone()).batch_size(5).seed(4).shard(rank, 3).build().unwrap();
+        let got: Vec<usize> = collect(l.epoch(2)).into_iter().flat_map(|b| b.0).collect();
+        assert!(got.len() == 33 || got.len() == 34);
+        all.extend(got);
+    }
+    all.sort();
+    assert_eq!(all, (0..100).collect::<Vec<_>>());
+}
+
+#[test]
+fn start_at_reproduces_the_rest_of_the_epoch() {
+    let data = dataset("loader_resume");
+    let build = || Loader::builder(data.clone()).batch_size(9).seed(5).augment(Augment::standard());
+    let full = collect(build().build().unwrap().epoch(3));
+    let mut resumed = build().start_at(3, 4).build().unwrap();
+    let rest = collect(resumed.iter());
+    assert_eq!(rest, full[4..]);
+    // The epoch after continues as usual.
+    assert_eq!(collect(resumed.iter()), collect(build().build().unwrap().epoch(4)));
+}
+
+/// A source that fails (or panics) on one sample.
+struct Faulty {
+    bad: usize,
+    panic: bool,
+}
+
+impl Source for Faulty {
+    fn len(&self) -> usize {
+        64
+    }
+    fn sample_shape(&self) -> [usize; 3] {
+        [3, 32, 32]
+    }
+    fn read_into(&self, index: usize, out: &mut [f32]) -> cifar_fast::Result<i64> {
+        if index == self.bad {
+            if self.panic {
+                panic!("sample {index} is cursed");
+            }
+            return Err(Error::format("faulty.bin", "bad bytes"));
+        }
+        out.fill(index as f32);
+        Ok(0)
+    }
+}
+
+#[test]
+fn a_failing_or_panicking_sample_is_an_error_that_names_it_without_hanging() {
+    for panic in [false, true] {
+        for workers in [0, 1, 3] {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                let mut l = Loader::builder(Faulty { bad: 37, panic })
+                    .batch_size(4)
+                    .num_workers(workers)
+                    .shuffle(false)
+                    .build()
+                    .unwrap();
+                let results: Vec<_> = l.iter().collect();
+                let _ = tx.send((
+                    results.len(),
+                    results.last().unwrap().as_ref().err().map(|e| e.to_string()),
+                    start.elapsed(),
+                ));
+            });
+            let (n, err, took) = rx.recv_timeout(Duration::from_secs(5)).expect("the loader hung");
+            assert_eq!(n, 10, "batches 0..8 then the error, then nothing");
+            let err = err.expect("the last item is the error");
+            assert!(err.contains("sample 37"), "{err}");
+            assert!(err.contains(if panic { "cursed" } else { "faulty.bin: bad bytes" }), "{err}");
+            assert!(took < Duration::from_secs(1), "{took:?}");
+        }
+    }
+}
+
+#[test]
+fn bad_settings_are_errors() {
+    let data = dataset("loader_settings");
+    assert!(Loader::builder(data.clone()).batch_size(0).build().is_err());
+    assert!(Loader::builder(data.clone()).shard(3, 3).build().is_err());
+    assert!(Loader::builder(data.clone()).prefetch(0).build().is_err());
+    assert!(Loader::builder(data).start_at(0, 99).build().is_err());
+}
+
+#[test]
+fn u8_files_are_normalized_on_the_fly_to_the_same_values_as_f32_files() {
+    let f32 = Dataset::open(tensor_file(&scratch("loader_u8_a"), 4, StoreDtype::F32)).unwrap();
+    let u8 = Dataset::open(tensor_file(&scratch("loader_u8_b"), 4, StoreDtype::U8)).unwrap();
+    let a = collect(Loader::builder(f32).seed(1).build().unwrap().iter());
+    let b = collect(Loader::builder(u8).seed(1).build().unwrap().iter());
+    assert_eq!(a, b);
+}
+
+#[test]
+fn the_augmentation_of_a_seed_is_a_fixture() {
+    let aug = Augment::standard();
+    let draws: Vec<(usize, usize, bool)> = (0..4).map(|i| aug.draw(7, 0, i)).collect();
+    assert_eq!(draws, FIXTURE_DRAWS);
+    // The first row of sample 0's first channel, from a 32x32 ramp.
+    let src: Vec<f32> = (0..3 * 32 * 32).map(|i| (i % 1024) as f32).collect();
+    let mut dst = vec![0.0; src.len()];
+    aug.apply(7, 0, 0, [3, 32, 32], &src, &mut dst);
+    assert_eq!(dst[..8], FIXTURE_ROW);
+}
+
+/// Recorded from the first run: (dy, dx, flip) of samples 0..4 under seed 7, epoch 0.
+const FIXTURE_DRAWS: [(usize, usize, bool); 4] = [(4, 1, true), (1, 2, true), (6, 1, true), (2, 0, true)];
+/// Derived by hand from the draw (4, 1, flip): row y=0 reads source row 0 + 4 - 4 = 0, and
+/// column x reads 31 - x + 1 - 4 = 28 - x.
+const FIXTURE_ROW: [f32; 8] = [28.0, 27.0, 26.0, 25.0, 24.0, 23.0, 22.0, 21.0];
+
+#[test]
+fn an_image_folder_is_a_source_with_an_explicit_size_policy() {
+    let root = scratch("loader_folder");
+    for (c, class) in ["cat", "dog"].iter().enumerate() {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        for k in 0..3 {
+            let img = image::RgbImage::from_fn(32, 32, |x, y| {
+                image::Rgb([x as u8 * 8, y as u8 * 8, (c * 100 + k) as u8])
+            });
+            img.save(root.join(class).join(format!("{k}.png"))).unwrap();
+        }
+    }
+    image::RgbImage::new(40, 30).save(root.join("dog/odd.png")).unwrap();
+    let folder = ImageFolder::new(&root).unwrap();
+    assert_eq!(folder.classes(), ["cat", "dog"]);
+    assert_eq!(folder.len(), 7);
+    let mut out = vec![0f32; IMG];
+    assert_eq!(folder.read_into(4, &mut out).unwrap(), 1);
+    // Pixel (x=2, y=1) of dog/1.png: R = 16, G = 8, B = 101; planar and normalized.
+    assert_eq!(out[32 + 2], (16.0 / 255.0 - 0.5) / 0.5);
+    assert_eq!(out[1024 + 32 + 2], (8.0 / 255.0 - 0.5) / 0.5);
+    assert_eq!(out[2048], (101.0 / 255.0 - 0.5) / 0.5);
+
+    let mut l =
+        Loader::builder(ImageFolder::new(&root).unwrap()).batch_size(7).shuffle(false).build().unwrap();
+    let err = l.iter().next().unwrap().unwrap_err().to_string();
+    assert!(err.contains("odd.png") && err.contains("is 40x30, expected 32x32"), "{err}");
+    let resize = ImageFolder::new(&root).unwrap().policy(SizePolicy::Resize);
+    let batches = collect(Loader::builder(resize).batch_size(7).build().unwrap().iter());
+    assert_eq!(batches[0].0.len(), 7);
+}
+
+#[test]
+fn pinned_batches_reach_cuda_intact() {
+    if !tch::Cuda::is_available() {
+        eprintln!("skipped: CUDA is not available");
+        return;
+    }
+    let data = dataset("loader_cuda");
+    let cpu = collect(Loader::builder(data.clone()).seed(2).batch_size(16).build().unwrap().iter());
+    let mut l = Loader::builder(data).seed(2).batch_size(16).device(tch::Device::Cuda(0)).build().unwrap();
+    for _ in 0..3 {
+        // Several epochs, so that pinned buffers are reused after synchronisation.
+        let gpu: Vec<_> = l
+            .epoch(0)
+            .map(|b| {
+                let b = b.unwrap();
+                assert!(b.images.device().is_cuda());
+                (
+                    b.indices.clone(),
+                    Vec::<f32>::try_from(b.images.flatten(0, -1).to_device(tch::Device::Cpu)).unwrap(),
+                )
+            })
+            .collect();
+        for (g, c) in gpu.iter().zip(&cpu) {
+            assert_eq!((&g.0, &g.1), (&c.0, &c.1));
+        }
+    }
+}

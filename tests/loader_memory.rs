@@ -1,0 +1,43 @@
+//! The pipeline's own memory is bounded by its buffer pool: over 20 epochs, anonymous resident
+//! memory (the heap, not the file's page cache) stays flat after the first. (A file of its own,
+//! so that no other test allocates beside it.)
+mod common;
+
+use cifar_fast::prep::StoreDtype;
+use cifar_fast::{Augment, Dataset, Loader};
+use common::*;
+
+fn rss_anon_kb() -> i64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("RssAnon:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn resident_memory_is_flat_after_the_first_epoch() {
+    let data = Dataset::open(tensor_file(&scratch("memory"), 400, StoreDtype::F32)).unwrap();
+    let (batch, prefetch) = (64usize, 4usize);
+    let before = rss_anon_kb();
+    let mut loader = Loader::builder(data)
+        .batch_size(batch)
+        .num_workers(2)
+        .prefetch(prefetch)
+        .augment(Augment::standard())
+        .build()
+        .unwrap();
+    let mut after = Vec::new();
+    for _ in 0..20 {
+        let mut sum = 0.0;
+        for b in loader.iter() {
+            sum += b.unwrap().images.double_value(&[0, 0, 0, 0]);
+        }
+        assert!(sum.is_finite());
+        after.push(rss_anon_kb());
+    }
+    let growth = after.iter().max().unwrap() - after[0];
+    eprintln!("RssAnon before {before} kB, after each epoch {after:?}");
+    assert!(growth < 2 * 1024, "grew {growth} kB after the first epoch: {after:?}");
+    let pool_kb = ((prefetch + 1) * batch * IMG * 4 / 1024) as i64;
+    assert!(after[0] - before < pool_kb + 32 * 1024, "{} kB over a pool of {pool_kb} kB", after[0] - before);
+    assert!(loader.buffers() <= prefetch + 1, "{} buffers", loader.buffers());
+}

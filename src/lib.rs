@@ -14,6 +14,7 @@ The crate follows the data, one module a stage:
 * [`sampler`] decides each epoch's order from `(seed, epoch)`; [`augment`] crops and flips.
 * [`loader`]: the [`Loader`]'s worker threads fill reusable (pinned, on CUDA) buffers ahead of
   the consumer and hand them out in order as [`Batch`]es of tch tensors.
+* [`train`] is the tutorial's training loop on top, which the `cifar-train` binary runs.
 
 
 ```no_run
@@ -49,6 +50,7 @@ pub mod prep;
 pub mod sampler;
 pub mod source;
 pub mod store;
+pub mod train;
 
 pub use augment::{Augment, Padding};
 pub use error::{Error, Result};

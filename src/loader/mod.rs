@@ -41,6 +41,7 @@ pub struct Batch {
     pub labels: Tensor,
     /// The dataset index of each sample.
     pub indices: Vec<usize>,
+    copy_time: std::time::Duration,
     home: Option<(Slot, Sender<Slot>)>,
 }
 
@@ -48,6 +49,11 @@ impl Batch {
     /// Samples in the batch.
     pub fn len(&self) -> usize {
         self.indices.len()
+    }
+
+    /// Host time spent issuing this batch's copy to the device (zero on the CPU).
+    pub fn copy_time(&self) -> std::time::Duration {
+        self.copy_time
     }
 
     /// Whether the batch is empty (never, for batches a loader yields).
@@ -453,12 +459,19 @@ impl Iterator for Epoch<'_> {
         let (images, labels) = slot.views();
         let indices = slot.indices.clone();
         let batch = match self.loader.device {
-            Device::Cpu => Batch { images, labels, indices, home: Some((slot, self.loader.free_tx.clone())) },
+            Device::Cpu => Batch {
+                images,
+                labels,
+                indices,
+                copy_time: Default::default(),
+                home: Some((slot, self.loader.free_tx.clone())),
+            },
             device => {
+                let t = std::time::Instant::now();
                 let images = images.to_device_(device, tch::Kind::Float, true, false);
                 let labels = labels.to_device_(device, tch::Kind::Int64, true, false);
                 self.loader.in_flight.push(slot);
-                Batch { images, labels, indices, home: None }
+                Batch { images, labels, indices, copy_time: t.elapsed(), home: None }
             }
         };
         Some(Ok(batch))

@@ -103,37 +103,7 @@ pub fn for_each_member(
                 bytes: 0,
                 progress: progress.clone(),
             };
-            let corrupt = |e: io::Error| Error::format(input, format!("corrupt or truncated archive: {e}"));
-            {
-                let stream: Box<dyn Read + '_> = match kind {
-                    InputKind::Gzip => Box::new(flate2::read::GzDecoder::new(&mut hashing)),
-                    _ => Box::new(&mut hashing),
-                };
-                let mut archive = tar::Archive::new(stream);
-                for entry in archive.entries().map_err(corrupt)? {
-                    let mut entry = entry.map_err(corrupt)?;
-                    if !entry.header().entry_type().is_file() {
-                        continue;
-                    }
-                    let member = entry.path().map_err(corrupt)?.to_string_lossy().into_owned();
-                    let Some(role) = role_of(&member) else { continue };
-                    let size = entry.size();
-                    let at = input.join(&member);
-                    if size > MAX_MEMBER_BYTES {
-                        return Err(Error::format(&at, format!("member of {size} bytes is too large")));
-                    }
-                    let mut bytes = Vec::with_capacity(size as usize);
-                    entry.read_to_end(&mut bytes).map_err(corrupt)?;
-                    if bytes.len() as u64 != size {
-                        return Err(corrupt(io::ErrorKind::UnexpectedEof.into()));
-                    }
-                    visit(role, &member, &at, bytes)?;
-                }
-                // Read the gzip trailer too: its CRC check catches a corrupt tail, and the
-                // digests cover the whole file.
-                let mut rest = archive.into_inner();
-                io::copy(&mut rest, &mut io::sink()).map_err(corrupt)?;
-            }
+            for_each_archived_member(&mut hashing, kind == InputKind::Gzip, input, visit)?;
             io::copy(&mut hashing, &mut io::sink()).at(input)?;
             Ok(SourceInfo {
                 name,
@@ -143,6 +113,45 @@ pub fn for_each_member(
             })
         }
     }
+}
+
+/// The archive half of [`for_each_member`]: a (gzipped) tar stream, with `input` naming it in
+/// errors. Public for the fuzz target.
+pub fn for_each_archived_member(
+    reader: impl Read,
+    gzipped: bool,
+    input: &Path,
+    mut visit: impl FnMut(Role, &str, &Path, Vec<u8>) -> Result<()>,
+) -> Result<()> {
+    let corrupt = |e: io::Error| Error::format(input, format!("corrupt or truncated archive: {e}"));
+    let stream: Box<dyn Read + '_> =
+        if gzipped { Box::new(flate2::read::GzDecoder::new(reader)) } else { Box::new(reader) };
+    let mut archive = tar::Archive::new(stream);
+    for entry in archive.entries().map_err(corrupt)? {
+        let mut entry = entry.map_err(corrupt)?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let member = entry.path().map_err(corrupt)?.to_string_lossy().into_owned();
+        let Some(role) = role_of(&member) else { continue };
+        let size = entry.size();
+        let at = input.join(&member);
+        if size > MAX_MEMBER_BYTES {
+            return Err(Error::format(&at, format!("member of {size} bytes is too large")));
+        }
+        // The declared size is only a claim: grow to it as bytes really arrive.
+        let mut bytes = Vec::with_capacity(size.min(1 << 26) as usize);
+        entry.read_to_end(&mut bytes).map_err(corrupt)?;
+        if bytes.len() as u64 != size {
+            return Err(corrupt(io::ErrorKind::UnexpectedEof.into()));
+        }
+        visit(role, &member, &at, bytes)?;
+    }
+    // Read the gzip trailer too: its CRC check catches a corrupt tail, and the digests cover
+    // the whole file.
+    let mut rest = archive.into_inner();
+    io::copy(&mut rest, &mut io::sink()).map_err(corrupt)?;
+    Ok(())
 }
 
 fn read_dir(

@@ -173,3 +173,43 @@ pub fn collect(epoch: cifar_fast::Epoch<'_>) -> Vec<(Vec<usize>, Vec<f32>, Vec<i
         })
         .collect()
 }
+
+/// A small CIFAR-10-shaped set a net can learn: each class has its own colour (plus texture).
+/// Writes `cifar10-{train,test}.safetensors` into `dir` and returns `dir`.
+pub fn learnable_data(dir: &Path, per_batch: usize) -> PathBuf {
+    let mut members = Vec::new();
+    for b in 0..6 {
+        let mut data = Vec::new();
+        for i in 0..per_batch {
+            let c = (i * 7 + b) % 10;
+            data.push(c as u8);
+            for ch in 0..3 {
+                for p in 0..1024 {
+                    let base = [25 * c, 255 - 25 * c, 128][ch];
+                    data.push(((base + (p * 7 + i * 13) % 40) % 256) as u8);
+                }
+            }
+        }
+        let name = if b < 5 { format!("data_batch_{}.bin", b + 1) } else { "test_batch.bin".into() };
+        members.push((format!("cifar-10-batches-bin/{name}"), data));
+    }
+    let tgz = dir.join("learnable.tar.gz");
+    tar_gz(&tgz, &members);
+    cifar_fast::prep::prepare(&tgz, dir, &Default::default(), &indicatif::ProgressBar::hidden()).unwrap();
+    std::fs::remove_file(tgz).unwrap();
+    dir.to_path_buf()
+}
+
+pub fn train_exe() -> &'static str {
+    env!("CARGO_BIN_EXE_cifar-train")
+}
+
+/// The model tensors of a `cifar-train` checkpoint, by name.
+pub fn checkpoint_weights(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(dir.join("checkpoint.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<u8>)> =
+        st.tensors().into_iter().map(|(n, v)| (n, v.data().to_vec())).collect();
+    out.sort();
+    out
+}

@@ -1,0 +1,108 @@
+//! Where the time went, and the JSON-lines metrics file.
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::{IoContext, Result};
+
+/// Step time split into its parts, summed over steps.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepTimes {
+    /// Blocked waiting for the next batch.
+    pub wait: Duration,
+    /// Issuing the host-to-device copy.
+    pub copy: Duration,
+    /// Forward, backward and update (host time; on CUDA, queueing plus any waits on the GPU).
+    pub compute: Duration,
+    /// Wall time of the steps, end to end.
+    pub total: Duration,
+    /// Steps.
+    pub steps: usize,
+    /// Images.
+    pub images: usize,
+}
+
+impl StepTimes {
+    /// Adds one step.
+    pub fn add(&mut self, wait: Duration, copy: Duration, compute: Duration, total: Duration, images: usize) {
+        self.wait += wait;
+        self.copy += copy;
+        self.compute += compute;
+        self.total += total;
+        self.steps += 1;
+        self.images += images;
+    }
+
+    /// Adds another span's steps.
+    pub fn merge(&mut self, o: &StepTimes) {
+        self.add(o.wait, o.copy, o.compute, o.total, o.images);
+        self.steps += o.steps - 1;
+    }
+
+    /// The share of step time spent waiting on data, 0..1.
+    pub fn wait_share(&self) -> f64 {
+        self.wait.as_secs_f64() / self.total.as_secs_f64().max(1e-12)
+    }
+
+    /// The share spent issuing copies.
+    pub fn copy_share(&self) -> f64 {
+        self.copy.as_secs_f64() / self.total.as_secs_f64().max(1e-12)
+    }
+
+    /// The rest: compute and loop overhead.
+    pub fn compute_share(&self) -> f64 {
+        1.0 - self.wait_share() - self.copy_share()
+    }
+}
+
+/// A JSON-lines file, one object a line, each flushed as written (a crash keeps the lines).
+pub struct Metrics {
+    out: Option<(PathBuf, std::fs::File)>,
+}
+
+impl Metrics {
+    /// Creates (truncates) `path`, or writes nowhere for `None`.
+    pub fn create(path: Option<&Path>) -> Result<Self> {
+        let out = match path {
+            Some(p) => Some((p.to_path_buf(), std::fs::File::create(p).at(p)?)),
+            None => None,
+        };
+        Ok(Metrics { out })
+    }
+
+    /// Appends one line.
+    pub fn log(&mut self, value: &serde_json::Value) -> Result<()> {
+        if let Some((path, f)) = &mut self.out {
+            writeln!(f, "{value}").at(&*path)?;
+        }
+        Ok(())
+    }
+
+    /// The last line: the run's summary.
+    pub fn summary(&mut self, s: &super::Summary) -> Result<()> {
+        let mut v = serde_json::json!({
+            "type": "summary",
+            "images_per_s": s.images_per_s,
+            "data_wait_share": s.data_wait_share,
+            "copy_share": s.times.copy_share(),
+            "compute_share": s.times.compute_share(),
+            "epoch_seconds": s.epoch_seconds,
+            "steps": s.steps,
+            "final_loss": s.final_loss,
+            "stopped_early": s.stopped_early,
+            "epoch": s.position.epoch,
+            "step": s.position.step,
+        });
+        if let Some(e) = &s.eval {
+            v["test_accuracy"] = e.accuracy.into();
+            v["per_class_accuracy"] = serde_json::json!(
+                s.classes
+                    .iter()
+                    .zip(&e.per_class)
+                    .map(|(c, a)| (c.clone(), serde_json::Value::from(*a)))
+                    .collect::<serde_json::Map<String, serde_json::Value>>()
+            );
+        }
+        self.log(&v)
+    }
+}

@@ -1,0 +1,95 @@
+//! GPU-resident data: the whole split uploaded once, then each batch gathered, normalized and
+//! augmented on the device, as the fastest CIFAR trainers do. Batches are the very ones the
+//! pipelined loader makes (same sampler, same per-sample draws), so the two modes agree.
+use std::sync::Arc;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::augment::{Augment, Padding};
+use crate::error::Result;
+use crate::prep::StoreDtype;
+use crate::sampler::Sampler;
+use crate::source::Dataset;
+
+/// A split held on the device.
+pub struct Resident {
+    images: Tensor,
+    labels: Tensor,
+    normalize: Option<(Tensor, Tensor)>,
+    augment: Augment,
+    seed: u64,
+    device: Device,
+    /// Keeps the memory map alive under the CPU tensors that view it.
+    _source: Arc<Dataset>,
+}
+
+impl Resident {
+    /// Uploads `data` (its stored dtype: u8 stays u8, 4× smaller) to `device`.
+    pub fn new(data: Arc<Dataset>, augment: Augment, seed: u64, device: Device) -> Result<Self> {
+        let file = data.file();
+        let n = file.len() as i64;
+        let kind = match file.dtype() {
+            StoreDtype::F32 => Kind::Float,
+            StoreDtype::U8 => Kind::Uint8,
+        };
+        let bytes = file.all_image_bytes();
+        // SAFETY: the bytes live in the read-only memory map, which `_source` keeps alive as long
+        // as this struct (and the view is dropped or copied before it: `to_device` copies, and on
+        // the CPU every use below is a read — `index_select` makes new tensors). The extent and
+        // alignment were checked when the file was opened.
+        let view = unsafe { Tensor::from_blob(bytes.as_ptr(), &[n, 3, 32, 32], &[], kind, Device::Cpu) };
+        let images = if device == Device::Cpu { view } else { view.to_device(device) };
+        let labels = Tensor::from_slice(file.labels()).to_device(device);
+        let normalize = (kind == Kind::Uint8).then(|| {
+            let t = |v: [f32; 3]| Tensor::from_slice(&v).view([1, 3, 1, 1]).to_device(device);
+            (t(file.mean()), t(file.std()))
+        });
+        Ok(Resident { images, labels, normalize, augment, seed, device, _source: data })
+    }
+
+    /// The batch of `indices` in `epoch`: `[B, 3, 32, 32]` f32 and `[B]` i64 on the device.
+    pub fn batch(&self, epoch: u64, indices: &[usize]) -> (Tensor, Tensor) {
+        let idx: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
+        let idx = Tensor::from_slice(&idx).to_device(self.device);
+        let mut x = self.images.index_select(0, &idx);
+        if let Some((mean, std)) = &self.normalize {
+            x = (x.to_kind(Kind::Float) / 255.0 - mean) / std;
+        }
+        let labels = self.labels.index_select(0, &idx);
+        if self.augment.is_identity() {
+            return (x, labels);
+        }
+        let b = indices.len() as i64;
+        let draws: Vec<(usize, usize, bool)> =
+            indices.iter().map(|&i| self.augment.draw(self.seed, epoch, i)).collect();
+        let p = self.augment.crop_padding as i64;
+        if p > 0 {
+            let pad = [p, p, p, p];
+            x = match self.augment.padding {
+                Some(Padding::Reflect) => x.reflection_pad2d(pad),
+                _ => x.constant_pad_nd(pad),
+            };
+            let side = 32 + 2 * p;
+            let offsets = |pick: fn(&(usize, usize, bool)) -> usize| {
+                let v: Vec<i64> = draws.iter().map(|d| pick(d) as i64).collect();
+                Tensor::from_slice(&v).to_device(self.device)
+            };
+            let base = Tensor::arange(32, (Kind::Int64, self.device));
+            let rows = (offsets(|d| d.0).view([b, 1]) + base.view([1, 32])).view([b, 1, 32, 1]);
+            let cols = (offsets(|d| d.1).view([b, 1]) + base.view([1, 32])).view([b, 1, 1, 32]);
+            x = x.gather(2, &rows.expand([b, 3, 32, side], false), false);
+            x = x.gather(3, &cols.expand([b, 3, 32, 32], false), false);
+        }
+        if self.augment.flip {
+            let flips: Vec<bool> = draws.iter().map(|d| d.2).collect();
+            let mask = Tensor::from_slice(&flips).to_device(self.device).view([b, 1, 1, 1]);
+            x = x.flip([3]).where_self(&mask, &x);
+        }
+        (x, labels)
+    }
+
+    /// An epoch's batches: the same index lists as the pipelined loader's.
+    pub fn epoch_batches(sampler: &Sampler, epoch: u64) -> Vec<Vec<usize>> {
+        sampler.batches(epoch)
+    }
+}

@@ -1,0 +1,142 @@
+//! `cifar-train` on small generated data, on the CPU: it learns, it resumes exactly, its two
+//! data paths agree, its metrics are what the README documents, and bad input is one clear error.
+mod common;
+
+use common::*;
+
+fn train(data: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"--data", &data, &"--threads", &"1"];
+    if !extra.contains(&"--device") {
+        args.extend([&"--device" as &dyn AsRef<std::ffi::OsStr>, &"cpu"]);
+    }
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    for e in &extra {
+        args.push(e);
+    }
+    run(train_exe(), &args)
+}
+
+fn json_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect()
+}
+
+#[test]
+fn a_few_steps_lower_the_loss_and_the_metrics_are_as_documented() {
+    let dir = learnable_data(&scratch("train_learns"), 40);
+    let metrics = dir.join("m.jsonl");
+    let o = train(
+        &dir,
+        &["--batch-size", "8", "--epochs", "3", "--log-every", "5", "--metrics", metrics.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let out = text(&o);
+    assert!(out.contains("[1,     5] loss: "), "{out}");
+    assert!(out.contains("Accuracy for class: airplane"), "{out}");
+    assert!(out.contains("waiting on data"), "{out}");
+    let lines = json_lines(&metrics);
+    let losses: Vec<f64> =
+        lines.iter().filter(|l| l["type"] == "loss").map(|l| l["loss"].as_f64().unwrap()).collect();
+    assert!(losses.len() >= 6, "{losses:?}");
+    assert!(losses.last().unwrap() < &(losses[0] * 0.7), "the loss did not fall: {losses:?}");
+    let epochs: Vec<_> = lines.iter().filter(|l| l["type"] == "epoch").collect();
+    assert_eq!(epochs.len(), 3);
+    let s = lines.last().unwrap();
+    assert_eq!(s["type"], "summary");
+    for key in ["images_per_s", "data_wait_share", "epoch_seconds", "steps", "final_loss", "test_accuracy"] {
+        assert!(s[key].is_number(), "summary lacks {key}: {s}");
+    }
+    let share = s["data_wait_share"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&share), "{share}");
+    assert_eq!(s["steps"], 75); // 200 images in batches of 8, three times
+    let acc = s["test_accuracy"].as_f64().unwrap();
+    assert!(acc > 0.5, "a colour per class should be learnt: {acc}");
+    // The confusion matrix of the last epoch sums to the test set and matches the accuracy.
+    let confusion = epochs[2]["confusion"].as_array().unwrap();
+    let total: u64 = confusion.iter().flat_map(|r| r.as_array().unwrap()).map(|v| v.as_u64().unwrap()).sum();
+    let diag: u64 = (0..10).map(|c| confusion[c][c].as_u64().unwrap()).sum();
+    assert_eq!(total, 40);
+    assert_eq!(diag as f64 / 40.0, acc);
+}
+
+#[test]
+fn an_interrupted_run_resumed_ends_with_the_same_weights() {
+    let dir = learnable_data(&scratch("train_resume"), 12);
+    let (whole, split) = (dir.join("whole"), dir.join("split"));
+    let common = ["--batch-size", "5", "--epochs", "2", "--augment", "--lr", "0.01"];
+    let with = |ck: &std::path::Path, more: &[&str]| {
+        let mut a: Vec<&str> = common.to_vec();
+        a.extend(["--checkpoint", ck.to_str().unwrap()]);
+        a.extend(more);
+        let o = train(&dir, &a);
+        assert!(o.status.success(), "{}", text(&o));
+        text(&o)
+    };
+    with(&whole, &[]);
+    let stopped = with(&split, &["--max-steps", "17"]); // mid-way through epoch 2 (12 steps an epoch)
+    assert!(stopped.contains("stopped at epoch 2, step 5"), "{stopped}");
+    assert_ne!(checkpoint_weights(&whole), checkpoint_weights(&split));
+    with(&split, &["--resume"]);
+    assert_eq!(checkpoint_weights(&whole), checkpoint_weights(&split));
+}
+
+#[test]
+fn resident_and_pipelined_data_train_the_same_weights() {
+    let dir = learnable_data(&scratch("train_resident"), 12);
+    let mut weights = Vec::new();
+    for mode in ["on", "off"] {
+        let ck = dir.join(mode);
+        let o = train(
+            &dir,
+            &[
+                "--batch-size",
+                "7",
+                "--epochs",
+                "1",
+                "--augment",
+                "--resident",
+                mode,
+                "--checkpoint",
+                ck.to_str().unwrap(),
+            ],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        weights.push(checkpoint_weights(&ck));
+    }
+    assert!(weights[0] == weights[1], "the two data paths gave different batches");
+}
+
+fn refused(o: std::process::Output, expect: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(err.contains(expect), "expected {expect:?} in {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_input_is_one_clear_error() {
+    let empty = scratch("train_bad_empty");
+    refused(train(&empty, &[]), "cifar-prep --download");
+    let dir = learnable_data(&scratch("train_bad"), 4);
+    refused(train(&dir, &["--batch-size", "0"]), "--batch-size must be at least 1");
+    refused(train(&dir, &["--device", "cuda:7"]), "CUDA device 7 does not exist");
+    refused(train(&dir, &["--device", "tpu"]), "expected auto, cpu, cuda or cuda:N");
+    let ck = dir.join("ck");
+    let first = train(&dir, &["--epochs", "1", "--checkpoint", ck.to_str().unwrap()]);
+    assert!(first.status.success(), "{}", text(&first));
+    refused(
+        train(&dir, &["--model", "resnet", "--checkpoint", ck.to_str().unwrap(), "--resume"]),
+        "model: \"lenet\" vs \"resnet\"",
+    );
+    refused(
+        train(&dir, &["--batch-size", "8", "--checkpoint", ck.to_str().unwrap(), "--resume"]),
+        "batch_size: 4 vs 8",
+    );
+    let test = dir.join("cifar10-test.safetensors");
+    let bytes = std::fs::read(&test).unwrap();
+    std::fs::write(&test, &bytes[..bytes.len() - 100]).unwrap();
+    refused(train(&dir, &[]), "cifar10-test.safetensors: the header describes");
+}

@@ -1,0 +1,154 @@
+"""Benchmark driver behind tools/bench-prep, tools/bench-loader and tools/bench-train.
+
+Runs each contender in turn, `--reps` times round-robin (so that a slow moment of this shared
+machine hits all of them alike), and prints medians and ratios as a markdown table.
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared")
+REFERENCE = os.path.join(SHARED, "bench", "seed_baseline.py")
+RELEASE = os.path.join(ROOT, "target", "release")
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def timed(cmd, **kw):
+    t = time.perf_counter()
+    sh(cmd, **kw)
+    return time.perf_counter() - t
+
+
+def json_line(cmd):
+    out = sh(cmd).stdout.strip().splitlines()
+    return json.loads(out[-1])
+
+
+def ensure_data(data):
+    """The full real tarballs, the extracted python and binary batches, the tensor files."""
+    os.makedirs(data, exist_ok=True)
+    if not os.path.exists(os.path.join(data, "cifar-10-binary.tar.gz")):
+        sh([sys.executable, os.path.join(SHARED, "tools", "make-cifar-tarballs.py"), data])
+    for sub, tgz in (("py", "cifar-10-python.tar.gz"), ("bin", "cifar-10-binary.tar.gz")):
+        if not os.path.isdir(os.path.join(data, sub)):
+            os.makedirs(os.path.join(data, sub))
+            sh(["tar", "xzf", os.path.join(data, tgz), "-C", os.path.join(data, sub)])
+    sh([os.path.join(RELEASE, "cifar-prep"), os.path.join(data, "cifar-10-binary.tar.gz"), "--out", data])
+
+
+def warm(path):
+    with open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def bench_prep(args):
+    data = args.data
+    ensure_data(data)
+    tgz = os.path.join(data, "cifar-10-binary.tar.gz")
+    out = tempfile.mkdtemp(dir=data, prefix="bench-prep-")
+    prep = [os.path.join(RELEASE, "cifar-prep"), tgz, "--out", out, "--force"]
+    sh(prep)
+    written = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+    mb = (written + (1 << 20) - 1) >> 20
+    tv = ("import torchvision, sys\n"
+          "class C(torchvision.datasets.CIFAR10):\n"
+          "    def _check_integrity(self): return True\n"
+          "    def _load_meta(self): self.classes = list(range(10))\n"
+          "C(sys.argv[1], train=True); C(sys.argv[1], train=False)\n")
+    runs = {"cifar-prep": [], "gzip -dc": [], "dd": [], "torchvision": []}
+    for _ in range(args.reps):
+        warm(tgz)
+        runs["cifar-prep"].append(timed(prep))
+        runs["gzip -dc"].append(timed(["sh", "-c", f"gzip -dc {tgz} >/dev/null"]))
+        runs["dd"].append(timed(["dd", "if=/dev/zero", f"of={out}/dd.bin", "bs=1M", f"count={mb}", "conv=fsync"]))
+        os.remove(f"{out}/dd.bin")
+        runs["torchvision"].append(timed([sys.executable, "-c", tv, os.path.join(data, "py")]))
+    shutil.rmtree(out)
+    med = {k: median(v) for k, v in runs.items()}
+    bound = max(med["gzip -dc"], med["dd"])
+    print(f"\n{args.reps} runs each, medians; cifar-prep writes {written / 1e6:.0f} MB (f32 train + test)\n")
+    print("| what | seconds (median) | × the larger bound |")
+    print("|---|---:|---:|")
+    print(f"| `cifar-prep cifar-10-binary.tar.gz --force` | {med['cifar-prep']:.2f} | {med['cifar-prep'] / bound:.2f} |")
+    print(f"| bound: `gzip -dc` of the same file | {med['gzip -dc']:.2f} | {med['gzip -dc'] / bound:.2f} |")
+    print(f"| bound: `dd if=/dev/zero bs=1M count={mb} conv=fsync` | {med['dd']:.2f} | {med['dd'] / bound:.2f} |")
+    print(f"| torchvision `CIFAR10(train=True)` + `(train=False)` | {med['torchvision']:.2f} | {med['torchvision'] / bound:.2f} |")
+    print("\nall runs:", json.dumps({k: [round(x, 3) for x in v] for k, v in runs.items()}))
+
+
+def bench_loader(args):
+    data = args.data
+    ensure_data(data)
+    sh(["cargo", "bench", "--no-run", "--bench", "loader"], cwd=ROOT)
+    exe = sh(["sh", "-c", "ls -t target/release/deps/loader-* | grep -v '\\.d$' | head -1"], cwd=ROOT).stdout.strip()
+    exe = os.path.join(ROOT, exe)
+    warm(os.path.join(data, "cifar10-train.safetensors"))
+    rows = {}
+
+    def add(key, result):
+        rows.setdefault(key, []).append(result)
+
+    for _ in range(args.reps):
+        for b in args.batch_sizes:
+            # About a second or more of work for each contender, whatever its speed.
+            ref_images = {4: 8000, 32: 16000}.get(b, 24000)
+            for w in args.workers:
+                add(("reference", b, w), json_line([sys.executable, REFERENCE, "--root", os.path.join(data, "py"),
+                                                    "--batch-size", str(b), "--workers", str(w), "--mode", "load",
+                                                    "--steps", str(ref_images // b), "--json"]))
+                add(("loader", b, w), json_line([exe, "--data", data, "--mode", "loader", "--batch-size", str(b),
+                                                 "--workers", str(w), "--images", str(args.images)]))
+            add(("tchrs", b, 0), json_line([exe, "--data", data, "--mode", "tchrs", "--batch-size", str(b),
+                                            "--images", str(args.images)]))
+            add(("memcpy", b, 0), json_line([exe, "--data", data, "--mode", "memcpy", "--batch-size", str(b),
+                                             "--images", str(args.images)]))
+    med = {k: median([r["images_per_s"] for r in v]) for k, v in rows.items()}
+    print(f"\nimages/s, median of {args.reps} runs; the reference is `seed_baseline.py --mode load`\n")
+    print("| B | workers | reference | this loader | × reference | tch-rs load_dir + Iter2 | × tch-rs | memcpy bound | % of bound |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for b in args.batch_sizes:
+        for w in args.workers:
+            ref, ours, tr, mc = med[("reference", b, w)], med[("loader", b, w)], med[("tchrs", b, 0)], med[("memcpy", b, 0)]
+            print(f"| {b} | {w} | {ref:,.0f} | {ours:,.0f} | {ours / ref:,.0f}× | {tr:,.0f} | {ours / tr:.1f}× | {mc:,.0f} | {100 * ours / mc:.0f}% |")
+    first = {k: median([r["first_batch_ms"] for r in v]) for k, v in rows.items() if k[0] in ("loader", "tchrs")}
+    rss = {k: max(r["rss_anon_mb"] for r in v) for k, v in rows.items() if k[0] in ("loader", "tchrs")}
+    print("\n| B | workers | loader: open → first batch (ms) | loader: heap beyond page cache (MB) | prefetch × batch bytes + 32 MB | tch-rs: load (ms) | tch-rs heap (MB) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for b in args.batch_sizes:
+        for w in args.workers:
+            budget = 4 * b * 3072 * 4 / 1e6 + 32
+            print(f"| {b} | {w} | {first[('loader', b, w)]:.1f} | {rss[('loader', b, w)]:.1f} | {budget:.1f} | "
+                  f"{first[('tchrs', b, 0)]:.0f} | {rss[('tchrs', b, 0)]:.0f} |")
+    print("\nall runs:", json.dumps({"/".join(map(str, k)): [r["images_per_s"] for r in v] for k, v in rows.items()}))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["prep", "loader"])
+    ap.add_argument("--data", default=os.path.join(ROOT, "data"))
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 32, 256])
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--images", type=int, default=200000)
+    args = ap.parse_args()
+    args.data = os.path.abspath(args.data)
+    {"prep": bench_prep, "loader": bench_loader}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

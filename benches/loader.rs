@@ -23,6 +23,7 @@ fn arg(args: &[String], name: &str, default: &str) -> String {
 }
 
 fn main() {
+    cifar_fast::train::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let data = std::path::PathBuf::from(arg(&args, "--data", "data"));
     let mode = arg(&args, "--mode", "loader");

@@ -22,6 +22,11 @@ fn loader_threads() -> usize {
 fn dropping_the_loader_mid_epoch_joins_every_worker() {
     let data = Dataset::open(tensor_file(&scratch("shutdown"), 40, StoreDtype::F32)).unwrap();
     let mut loader = Loader::builder(data).batch_size(4).num_workers(4).prefetch(8).build().unwrap();
+    // A thread names itself once it runs, so give the four a moment to start.
+    let start = Instant::now();
+    while loader_threads() < 4 && start.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     assert_eq!(loader_threads(), 4);
     let kept = {
         let mut epoch = loader.iter();

@@ -94,9 +94,7 @@ def bench_prep(args):
 def bench_loader(args):
     data = args.data
     ensure_data(data)
-    sh(["cargo", "bench", "--no-run", "--bench", "loader"], cwd=ROOT)
-    exe = sh(["sh", "-c", "ls -t target/release/deps/loader-* | grep -v '\\.d$' | head -1"], cwd=ROOT).stdout.strip()
-    exe = os.path.join(ROOT, exe)
+    exe = bench_exe("loader")
     warm(os.path.join(data, "cifar10-train.safetensors"))
     rows = {}
 
@@ -137,9 +135,74 @@ def bench_loader(args):
     print("\nall runs:", json.dumps({"/".join(map(str, k)): [r["images_per_s"] for r in v] for k, v in rows.items()}))
 
 
+def bench_exe(name):
+    sh(["cargo", "bench", "--no-run", "--bench", name], cwd=ROOT)
+    exe = sh(["sh", "-c", f"ls -t target/release/deps/{name}-* | grep -v '\\.d$' | head -1"], cwd=ROOT).stdout.strip()
+    return os.path.join(ROOT, exe)
+
+
+def bench_train(args):
+    """cifar-train vs the reference's training, and the in-memory step as the bound."""
+    data = args.data
+    ensure_data(data)
+    step_exe = bench_exe("step")
+    warm(os.path.join(data, "cifar10-train.safetensors"))
+    ref_steps = {4: 1500, 32: 300, 256: 40}
+    our_steps = {4: 5000, 32: 1200, 256: 150}
+    rows = {}
+    metrics = os.path.join(tempfile.mkdtemp(), "m.jsonl")
+    for _ in range(args.reps):
+        for b in args.batch_sizes:
+            rows.setdefault(("reference", b), []).append(json_line(
+                [sys.executable, REFERENCE, "--root", os.path.join(data, "py"), "--batch-size", str(b),
+                 "--workers", "1", "--steps", str(ref_steps.get(b, 40)), "--json"]))
+            sh([os.path.join(RELEASE, "cifar-train"), "--data", data, "--device", "cpu", "--batch-size", str(b),
+                "--workers", str(args.workers[0]), "--epochs", "1", "--max-steps", str(our_steps.get(b, 150)),
+                "--metrics", metrics])
+            with open(metrics) as f:
+                rows.setdefault(("ours", b), []).append(json.loads(f.read().strip().splitlines()[-1]))
+            rows.setdefault(("bound", b), []).append(json_line([step_exe, "--batch-size", str(b), "--steps",
+                                                               str(our_steps.get(b, 150))]))
+    med = {k: median([r["images_per_s"] for r in v]) for k, v in rows.items()}
+    wait = {b: median([r["data_wait_share"] for r in rows[("ours", b)]]) for b in args.batch_sizes}
+    threads = rows[("reference", args.batch_sizes[0])][0]["torch_threads"]
+    print(f"\nCPU training images/s, median of {args.reps} runs; {threads} torch threads for both; "
+          f"reference: `seed_baseline.py --workers 1`, cifar-train: `--workers {args.workers[0]}`\n")
+    print("| B | reference | cifar-train | × reference | data wait (share of step) | in-memory step (bound) | % of bound |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for b in args.batch_sizes:
+        ref, ours, bound = med[("reference", b)], med[("ours", b)], med[("bound", b)]
+        print(f"| {b} | {ref:,.0f} | {ours:,.0f} | {ours / ref:.1f}× | {100 * wait[b]:.2f}% | {bound:,.0f} | {100 * ours / bound:.0f}% |")
+    print("\nall runs:", json.dumps({"/".join(map(str, k)): [round(r["images_per_s"]) for r in v] for k, v in rows.items()}))
+
+
+def bench_accuracy(args):
+    """The tutorial's settings at batch 32 for 10 epochs: test accuracy of both (one run each)."""
+    data = args.data
+    ensure_data(data)
+    t = time.perf_counter()
+    ref = json_line([sys.executable, REFERENCE, "--root", os.path.join(data, "py"), "--batch-size", "32",
+                     "--epochs", str(args.epochs), "--json"])
+    ref_s = time.perf_counter() - t
+    metrics = os.path.join(tempfile.mkdtemp(), "m.jsonl")
+    t = time.perf_counter()
+    sh([os.path.join(RELEASE, "cifar-train"), "--data", data, "--device", "cpu", "--batch-size", "32",
+        "--epochs", str(args.epochs), "--metrics", metrics])
+    ours_s = time.perf_counter() - t
+    with open(metrics) as f:
+        ours = json.loads(f.read().strip().splitlines()[-1])
+    print(f"\n{args.epochs} epochs at batch 32, SGD lr 0.001 momentum 0.9, CPU\n")
+    print("| | test accuracy | wall time (s) |")
+    print("|---|---:|---:|")
+    print(f"| reference `seed_baseline.py --batch-size 32 --epochs {args.epochs}` | {100 * ref['test_accuracy']:.2f}% | {ref_s:.0f} |")
+    print(f"| `cifar-train --batch-size 32 --epochs {args.epochs}` | {100 * ours['test_accuracy']:.2f}% | {ours_s:.0f} |")
+    print(f"\ndifference: {100 * (ours['test_accuracy'] - ref['test_accuracy']):+.2f} points")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["prep", "loader"])
+    ap.add_argument("what", choices=["prep", "loader", "train", "accuracy"])
+    ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--data", default=os.path.join(ROOT, "data"))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 32, 256])
@@ -147,7 +210,7 @@ def main():
     ap.add_argument("--images", type=int, default=200000)
     args = ap.parse_args()
     args.data = os.path.abspath(args.data)
-    {"prep": bench_prep, "loader": bench_loader}[args.what](args)
+    {"prep": bench_prep, "loader": bench_loader, "train": bench_train, "accuracy": bench_accuracy}[args.what](args)
 
 
 if __name__ == "__main__":

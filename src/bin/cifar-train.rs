@@ -181,6 +181,7 @@ impl Progress for Report {
 }
 
 fn main() {
+    train::keep_freed_memory();
     let args = Args::parse();
     if let Err(e) = run(args) {
         eprintln!("cifar-train: error: {e:#}");

@@ -42,6 +42,7 @@ pub struct Batch {
     /// The dataset index of each sample.
     pub indices: Vec<usize>,
     copy_time: std::time::Duration,
+    sync_time: std::time::Duration,
     home: Option<(Slot, Sender<Slot>)>,
 }
 
@@ -54,6 +55,13 @@ impl Batch {
     /// Host time spent issuing this batch's copy to the device (zero on the CPU).
     pub fn copy_time(&self) -> std::time::Duration {
         self.copy_time
+    }
+
+    /// Host time spent, while fetching this batch, waiting for the device to finish earlier
+    /// work (the synchronisation that frees pinned buffers, see `Loader`): time the device
+    /// was computing, not time the data was late.
+    pub fn sync_time(&self) -> std::time::Duration {
+        self.sync_time
     }
 
     /// Whether the batch is empty (never, for batches a loader yields).
@@ -218,6 +226,7 @@ impl LoaderBuilder {
             free_rx,
             slots: 0,
             in_flight: Vec::new(),
+            synced: Default::default(),
             workers,
             next_epoch: self.start.0,
             skip: self.start.1,
@@ -254,6 +263,8 @@ pub struct Loader {
     slots: usize,
     /// CUDA only: slots whose non-blocking copy was issued but not yet synchronised.
     in_flight: Vec<Slot>,
+    /// Time spent in device synchronisations since the last batch was handed out.
+    synced: std::time::Duration,
     workers: Vec<JoinHandle<()>>,
     next_epoch: u64,
     /// Batches to skip at the start of `next_epoch` (set by `start_at`).
@@ -345,7 +356,9 @@ impl Loader {
         if self.in_flight.len() >= self.prefetch.max(2)
             && let Device::Cuda(i) = self.device
         {
+            let t = std::time::Instant::now();
             tch::Cuda::synchronize(i as i64);
+            self.synced += t.elapsed();
             let slot = self.in_flight.pop().unwrap();
             for s in self.in_flight.drain(..) {
                 let _ = self.free_tx.send(s);
@@ -458,12 +471,14 @@ impl Iterator for Epoch<'_> {
         let slot = done.slot;
         let (images, labels) = slot.views();
         let indices = slot.indices.clone();
+        let sync_time = std::mem::take(&mut self.loader.synced);
         let batch = match self.loader.device {
             Device::Cpu => Batch {
                 images,
                 labels,
                 indices,
                 copy_time: Default::default(),
+                sync_time,
                 home: Some((slot, self.loader.free_tx.clone())),
             },
             device => {
@@ -471,7 +486,7 @@ impl Iterator for Epoch<'_> {
                 let images = images.to_device_(device, tch::Kind::Float, true, false);
                 let labels = labels.to_device_(device, tch::Kind::Int64, true, false);
                 self.loader.in_flight.push(slot);
-                Batch { images, labels, indices, copy_time: t.elapsed(), home: None }
+                Batch { images, labels, indices, copy_time: t.elapsed(), sync_time, home: None }
             }
         };
         Some(Ok(batch))

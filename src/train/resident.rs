@@ -8,8 +8,31 @@ use tch::{Device, Kind, Tensor};
 use crate::augment::{Augment, Padding};
 use crate::error::Result;
 use crate::prep::StoreDtype;
-use crate::sampler::Sampler;
 use crate::source::Dataset;
+
+/// One epoch's order and augmentation draws, on the device.
+pub struct EpochPlan {
+    /// The epoch.
+    pub epoch: u64,
+    indices: Tensor,
+    dy: Tensor,
+    dx: Tensor,
+    flip: Tensor,
+    /// `(start, len)` of each batch in the flat tensors.
+    batches: Vec<(i64, i64)>,
+}
+
+impl EpochPlan {
+    /// Batches in the epoch.
+    pub fn len(&self) -> usize {
+        self.batches.len()
+    }
+
+    /// Whether the epoch has none.
+    pub fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+}
 
 /// A split held on the device.
 pub struct Resident {
@@ -47,21 +70,39 @@ impl Resident {
         Ok(Resident { images, labels, normalize, augment, seed, device, _source: data })
     }
 
-    /// The batch of `indices` in `epoch`: `[B, 3, 32, 32]` f32 and `[B]` i64 on the device.
-    pub fn batch(&self, epoch: u64, indices: &[usize]) -> (Tensor, Tensor) {
-        let idx: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
-        let idx = Tensor::from_slice(&idx).to_device(self.device);
+    /// Plans `epoch` from its batches: the indices and the augmentation draws of every sample,
+    /// uploaded in one go, so the steps themselves send nothing to the device (a small upload
+    /// from pageable memory would wait for the GPU's queue to drain, every step).
+    pub fn plan(&self, epoch: u64, batches: &[Vec<usize>]) -> EpochPlan {
+        let flat: Vec<usize> = batches.iter().flatten().copied().collect();
+        let upload = |v: Vec<i64>| Tensor::from_slice(&v).to_device(self.device);
+        let draws: Vec<(usize, usize, bool)> =
+            flat.iter().map(|&i| self.augment.draw(self.seed, epoch, i)).collect();
+        let mut starts = Vec::with_capacity(batches.len());
+        let mut at = 0;
+        for b in batches {
+            starts.push((at as i64, b.len() as i64));
+            at += b.len();
+        }
+        EpochPlan {
+            epoch,
+            indices: upload(flat.iter().map(|&i| i as i64).collect()),
+            dy: upload(draws.iter().map(|d| d.0 as i64).collect()),
+            dx: upload(draws.iter().map(|d| d.1 as i64).collect()),
+            flip: upload(draws.iter().map(|d| d.2 as i64).collect()).to_kind(Kind::Bool),
+            batches: starts,
+        }
+    }
+
+    /// Batch `k` of a plan: `[B, 3, 32, 32]` f32 and `[B]` i64 on the device.
+    pub fn batch(&self, plan: &EpochPlan, k: usize) -> (Tensor, Tensor) {
+        let (start, b) = plan.batches[k];
+        let idx = plan.indices.narrow(0, start, b);
         let mut x = self.images.index_select(0, &idx);
         if let Some((mean, std)) = &self.normalize {
             x = (x.to_kind(Kind::Float) / 255.0 - mean) / std;
         }
         let labels = self.labels.index_select(0, &idx);
-        if self.augment.is_identity() {
-            return (x, labels);
-        }
-        let b = indices.len() as i64;
-        let draws: Vec<(usize, usize, bool)> =
-            indices.iter().map(|&i| self.augment.draw(self.seed, epoch, i)).collect();
         let p = self.augment.crop_padding as i64;
         if p > 0 {
             let pad = [p, p, p, p];
@@ -70,26 +111,16 @@ impl Resident {
                 _ => x.constant_pad_nd(pad),
             };
             let side = 32 + 2 * p;
-            let offsets = |pick: fn(&(usize, usize, bool)) -> usize| {
-                let v: Vec<i64> = draws.iter().map(|d| pick(d) as i64).collect();
-                Tensor::from_slice(&v).to_device(self.device)
-            };
             let base = Tensor::arange(32, (Kind::Int64, self.device));
-            let rows = (offsets(|d| d.0).view([b, 1]) + base.view([1, 32])).view([b, 1, 32, 1]);
-            let cols = (offsets(|d| d.1).view([b, 1]) + base.view([1, 32])).view([b, 1, 1, 32]);
+            let rows = (plan.dy.narrow(0, start, b).view([b, 1]) + base.view([1, 32])).view([b, 1, 32, 1]);
+            let cols = (plan.dx.narrow(0, start, b).view([b, 1]) + base.view([1, 32])).view([b, 1, 1, 32]);
             x = x.gather(2, &rows.expand([b, 3, 32, side], false), false);
             x = x.gather(3, &cols.expand([b, 3, 32, 32], false), false);
         }
         if self.augment.flip {
-            let flips: Vec<bool> = draws.iter().map(|d| d.2).collect();
-            let mask = Tensor::from_slice(&flips).to_device(self.device).view([b, 1, 1, 1]);
+            let mask = plan.flip.narrow(0, start, b).view([b, 1, 1, 1]);
             x = x.flip([3]).where_self(&mask, &x);
         }
         (x, labels)
-    }
-
-    /// An epoch's batches: the same index lists as the pipelined loader's.
-    pub fn epoch_batches(sampler: &Sampler, epoch: u64) -> Vec<Vec<usize>> {
-        sampler.batches(epoch)
     }
 }

@@ -3,7 +3,8 @@ Fast CIFAR training data: from the official tarballs to batches on the GPU with 
 
 # Brief overview
 
-The crate follows the data, one module a stage:
+The crate follows the data, one module a stage (the first five come from the `cifar-data`
+crate, which needs no libtorch, and are re-exported here):
 
 * [`prep`] reads CIFAR-10/100 tarballs (binary or pickled, never executing a pickle) and writes
   one safetensors file per split: `images [N,3,32,32]` and `labels [N]`. The `cifar-prep`
@@ -42,19 +43,9 @@ for epoch in 0..10 {
 */
 #![deny(missing_docs)]
 
-pub mod augment;
-pub mod error;
-pub mod image_folder;
+pub use cifar_data::{augment, error, image_folder, prep, sampler, source, store};
 pub mod loader;
-pub mod prep;
-pub mod sampler;
-pub mod source;
-pub mod store;
 pub mod train;
 
-pub use augment::{Augment, Padding};
-pub use error::{Error, Result};
-pub use image_folder::{ImageFolder, SizePolicy};
+pub use cifar_data::{Augment, Dataset, Error, ImageFolder, Padding, Result, SizePolicy, Source, TensorFile};
 pub use loader::{Batch, Epoch, Loader, LoaderBuilder};
-pub use source::{Dataset, Source};
-pub use store::TensorFile;

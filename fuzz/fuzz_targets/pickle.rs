@@ -3,8 +3,8 @@
 #![no_main]
 use std::path::Path;
 
-use cifar_fast::prep::layout::{Kind, parse_batch, parse_meta};
-use cifar_fast::prep::pickle;
+use cifar_data::prep::layout::{Kind, parse_batch, parse_meta};
+use cifar_data::prep::pickle;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

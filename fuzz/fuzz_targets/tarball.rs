@@ -2,8 +2,8 @@
 #![no_main]
 use std::path::Path;
 
-use cifar_fast::prep::layout::{Role, parse_batch, parse_meta};
-use cifar_fast::prep::tarball::for_each_archived_member;
+use cifar_data::prep::layout::{Role, parse_batch, parse_meta};
+use cifar_data::prep::tarball::for_each_archived_member;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -38,9 +38,6 @@ pub enum Error {
         /// What went wrong.
         msg: String,
     },
-    /// An error from libtorch.
-    #[error("libtorch: {0}")]
-    Torch(#[from] tch::TchError),
     /// A download failed.
     #[error("download of {url} failed: {msg}")]
     Download {
@@ -64,7 +61,8 @@ impl Error {
 }
 
 /// Adds a path to `std::io::Result`s, as tch-rs's `cifar.rs` does for its readers.
-pub(crate) trait IoContext<T> {
+pub trait IoContext<T> {
+    /// The `Io` error for `path`, on failure.
     fn at(self, path: impl AsRef<Path>) -> Result<T>;
 }
 

@@ -3,7 +3,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use cifar_fast::prep::{self, Norm, PrepOptions, StoreDtype, download};
+use cifar_data::prep::{self, Norm, PrepOptions, StoreDtype, download};
 use clap::{Parser, ValueEnum};
 
 /// Unpack CIFAR-10/100 into one normalized, memory-mappable tensor file per split.

@@ -1,0 +1,32 @@
+/*!
+CIFAR data without tensors: the official tarballs into memory-mapped safetensors files, and the
+parts of a loader that need no tensor library.
+
+# Brief overview
+
+* [`prep`] reads CIFAR-10/100 tarballs (binary or pickled, never executing a pickle) and writes
+  one safetensors file per split: `images [N,3,32,32]` and `labels [N]`. The `cifar-prep`
+  binary is a thin front for [`prep::prepare`].
+* [`store`] opens such a file: [`TensorFile`] validates it, then memory-maps it.
+* [`source`] is where samples come from: the [`Source`] trait, [`Dataset`] over a tensor file,
+  and [`ImageFolder`] over `root/<class>/<image>.png` for your own data.
+* [`sampler`] decides each epoch's order from `(seed, epoch)`; [`augment`] crops and flips.
+
+The `cifar-fast` crate builds the prefetch loader and the training loop on these with `tch`;
+this crate stays free of libtorch, so `cifar-prep` starts in milliseconds.
+*/
+#![deny(missing_docs)]
+
+pub mod augment;
+pub mod error;
+pub mod image_folder;
+pub mod prep;
+pub mod sampler;
+pub mod source;
+pub mod store;
+
+pub use augment::{Augment, Padding};
+pub use error::{Error, Result};
+pub use image_folder::{ImageFolder, SizePolicy};
+pub use source::{Dataset, Source};
+pub use store::TensorFile;

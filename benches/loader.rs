@@ -81,25 +81,37 @@ fn main() {
             }
         }
         "memcpy" => {
-            // The physical bound: one thread copying the same f32 rows, in a shuffled order,
-            // out of the memory map into one buffer.
+            // The physical bound: one thread copying the same f32 rows the loader delivers (the
+            // same shuffled epochs), out of the memory map into one buffer, and nothing else.
             let ds = Dataset::open(data.join("cifar10-train.safetensors")).unwrap();
             let file = ds.file();
-            let n = file.len();
-            let mut buf = vec![0u8; batch * 3 * 32 * 32 * 4];
             let row = 3 * 32 * 32 * 4;
-            let mut i = 0usize;
-            while seen < want {
-                for k in 0..batch {
-                    let idx = (i.wrapping_mul(2654435761) + k) % n;
-                    buf[k * row..(k + 1) * row].copy_from_slice(file.image_bytes(idx));
+            let mut buf = vec![0u8; batch * row];
+            let sampler = cifar_fast::sampler::Sampler {
+                len: file.len(),
+                batch_size: batch,
+                shuffle: true,
+                seed: 0,
+                drop_last: false,
+                rank: 0,
+                world: 1,
+            };
+            let mut epoch = 0;
+            'copy: loop {
+                let order = sampler.indices(epoch);
+                for rows in order.chunks(batch) {
+                    for (k, &i) in rows.iter().enumerate() {
+                        buf[k * row..(k + 1) * row].copy_from_slice(file.image_bytes(i));
+                    }
+                    touch += buf[0] as f64;
+                    seen += rows.len();
+                    if seen >= want {
+                        break 'copy;
+                    }
                 }
-                touch += buf[0] as f64;
-                i += 1;
-                seen += batch;
+                epoch += 1;
             }
             first_batch = Some(0.0);
-            let _ = ds.len();
         }
         m => panic!("unknown mode {m}"),
     }

@@ -5,7 +5,7 @@
 //!         [--batch-size 32] [--workers 1] [--images 200000]
 use std::time::Instant;
 
-use cifar_fast::{Dataset, Loader, Source};
+use cifar_fast::{Dataset, Loader};
 use tch::Tensor;
 
 fn rss_anon_mb() -> f64 {

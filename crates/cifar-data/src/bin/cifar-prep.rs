@@ -168,15 +168,21 @@ fn run(args: Args) -> anyhow::Result<()> {
             input.display()
         );
     } else {
-        match summary.source.md5.as_deref() {
-            Some(md5) => match download::official_by_md5(md5) {
+        match (summary.source.md5.as_deref(), input.is_dir()) {
+            (Some(md5), _) => match download::official_by_md5(md5) {
                 Some(o) => println!("{}: md5 {md5} is the official {}'s: verified", input.display(), o.file),
                 None => println!(
                     "{}: md5 {md5} is not an official CIFAR tarball's; converted anyway",
                     input.display()
                 ),
             },
-            None => println!("{}: a directory, not checked against the official md5 sums", input.display()),
+            (None, false) => println!(
+                "{}: not an official CIFAR tarball (its size is none of theirs); converted anyway",
+                input.display()
+            ),
+            (None, true) => {
+                println!("{}: a directory, not checked against the official md5 sums", input.display())
+            }
         }
     }
     for s in &summary.splits {

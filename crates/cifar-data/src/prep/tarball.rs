@@ -17,7 +17,8 @@ pub struct SourceInfo {
     pub name: String,
     /// Bytes read.
     pub bytes: u64,
-    /// md5 of a tarball (compared with the official sums); `None` for a directory.
+    /// md5 of a tarball of an official tarball's size (to compare with the official sums);
+    /// `None` for other files, which cannot be official, and for directories.
     pub md5: Option<String>,
     /// sha256 of the tarball, or of the batch files' contents in name order for a directory.
     pub sha256: String,
@@ -84,13 +85,15 @@ impl<R: Read> Read for Tee<R> {
 
 /// md5 and sha256 of everything sent, on a thread of their own: hashing 170 MB costs about as
 /// much as decompressing it, and the reading thread is the conversion's critical path.
-fn hash_blocks(blocks: crossbeam_channel::Receiver<Vec<u8>>) -> (String, String) {
-    let (mut md5, mut sha) = (Md5::new(), Sha256::new());
+fn hash_blocks(blocks: crossbeam_channel::Receiver<Vec<u8>>, want_md5: bool) -> (Option<String>, String) {
+    let (mut md5, mut sha) = (want_md5.then(Md5::new), Sha256::new());
     for b in blocks {
-        md5.update(&b);
+        if let Some(m) = &mut md5 {
+            m.update(&b);
+        }
         sha.update(&b);
     }
-    (hex(&md5.finalize()), hex(&sha.finalize()))
+    (md5.map(|m| hex(&m.finalize())), hex(&sha.finalize()))
 }
 
 /// Calls `visit(role, member_name, path_for_errors, bytes)` for each CIFAR member of `input`,
@@ -105,10 +108,12 @@ pub fn for_each_member(
         InputKind::Dir => read_dir(input, name, &mut visit),
         kind => {
             let file = File::open(input).at(input)?;
-            progress.set_length(file.metadata().at(input)?.len());
+            let size = file.metadata().at(input)?.len();
+            progress.set_length(size);
+            let want_md5 = super::download::OFFICIAL.iter().any(|o| o.size == size);
             let (tx, rx) = crossbeam_channel::bounded(16);
             std::thread::scope(|s| {
-                let hasher = s.spawn(move || hash_blocks(rx));
+                let hasher = s.spawn(move || hash_blocks(rx, want_md5));
                 let mut tee = Tee { inner: file, hash: tx, bytes: 0, progress: progress.clone() };
                 let read = (|| {
                     for_each_archived_member(&mut tee, kind == InputKind::Gzip, input, visit)?;
@@ -117,7 +122,7 @@ pub fn for_each_member(
                 })();
                 drop(tee);
                 let (md5, sha256) = hasher.join().expect("hashing thread panicked");
-                read.map(|bytes| SourceInfo { name, bytes, md5: Some(md5), sha256 })
+                read.map(|bytes| SourceInfo { name, bytes, md5, sha256 })
             })
         }
     }

@@ -19,7 +19,7 @@ fn main() {
     let lib = Path::new(&lib).canonicalize().unwrap_or_else(|_| lib.clone().into());
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     if lib.join("libtorch_cuda.so").exists() {
-        // Everything here that may train (cifar-prep lives in the cifar-data crate, without torch).
+        // Everything that may train: not cifar-prep, which uses only cifar-data and links no torch.
         // (Cargo refuses `-tests` etc. for a package without such targets.)
         let mut targets = vec!["-bin=cifar-train"];
         for (dir, target) in [("tests", "-tests"), ("examples", "-examples"), ("benches", "-benches")] {

@@ -1,6 +1,6 @@
-//! The fixtures of the `cifar-data` tests, plus what only the loader and trainer tests need.
+//! Test fixtures: small CIFAR tarballs and tensor files made here (`data`), and helpers for the
+//! loader and trainer tests.
 #![allow(dead_code)]
-#[path = "../../crates/cifar-data/tests/common/mod.rs"]
 mod data;
 pub use data::*;
 

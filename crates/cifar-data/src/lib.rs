@@ -13,7 +13,7 @@ parts of a loader that need no tensor library.
 * [`sampler`] decides each epoch's order from `(seed, epoch)`; [`augment`] crops and flips.
 
 The `cifar-fast` crate builds the prefetch loader and the training loop on these with `tch`;
-this crate stays free of libtorch, so `cifar-prep` starts in milliseconds.
+this crate stays free of libtorch, so `cifar-prep` (which uses it alone) starts in milliseconds.
 */
 #![deny(missing_docs)]
 

@@ -1,4 +1,6 @@
 //! `cifar-prep`: CIFAR tarballs into memory-mappable safetensors files. See `--help`.
+//!
+//! It uses the `cifar-data` crate alone, so it links no libtorch and starts in milliseconds.
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 

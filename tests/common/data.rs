@@ -1,6 +1,5 @@
-//! Test fixtures: small CIFAR tarballs made here, in both official layouts, and the paths of
+//! Small CIFAR tarballs and tensor files made here, in both official layouts, and the paths of
 //! the things tests run.
-#![allow(dead_code)]
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -129,12 +128,8 @@ pub fn cifar10_members(per_batch: usize, test: usize, pickled: bool) -> Vec<(Str
     out
 }
 
-/// `cifar-prep` (a binary of the `cifar-data` package, whose tests alone run it).
 pub fn prep_exe() -> &'static str {
-    match option_env!("CARGO_BIN_EXE_cifar-prep") {
-        Some(exe) => exe,
-        None => panic!("cifar-prep is a binary of cifar-data: only its tests run it"),
-    }
+    env!("CARGO_BIN_EXE_cifar-prep")
 }
 
 pub fn run(exe: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
@@ -145,10 +140,9 @@ pub fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
-/// The workspace's root (this file serves the tests of both crates).
+/// The workspace's root.
 pub fn workspace() -> PathBuf {
-    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    if here.join("crates").is_dir() { here.to_path_buf() } else { here.join("../..") }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// The project's Python (the venv `tools/setup` made, with torch, numpy and safetensors).
@@ -163,11 +157,11 @@ pub fn shared() -> PathBuf {
 }
 
 /// A prepared CIFAR-10 train file of `5 * per_batch` synthetic images in `dir`.
-pub fn tensor_file(dir: &Path, per_batch: usize, dtype: cifar_data::prep::StoreDtype) -> PathBuf {
+pub fn tensor_file(dir: &Path, per_batch: usize, dtype: cifar_fast::prep::StoreDtype) -> PathBuf {
     let tgz = dir.join("synthetic.tar.gz");
     tar_gz(&tgz, &cifar10_members(per_batch, per_batch, false));
-    let opts = cifar_data::prep::PrepOptions { dtype, ..Default::default() };
-    cifar_data::prep::prepare(&tgz, dir, &opts, &indicatif::ProgressBar::hidden()).unwrap();
+    let opts = cifar_fast::prep::PrepOptions { dtype, ..Default::default() };
+    cifar_fast::prep::prepare(&tgz, dir, &opts, &indicatif::ProgressBar::hidden()).unwrap();
     dir.join("cifar10-train.safetensors")
 }
 
@@ -192,7 +186,7 @@ pub fn learnable_data(dir: &Path, per_batch: usize) -> PathBuf {
     }
     let tgz = dir.join("learnable.tar.gz");
     tar_gz(&tgz, &members);
-    cifar_data::prep::prepare(&tgz, dir, &Default::default(), &indicatif::ProgressBar::hidden()).unwrap();
+    cifar_fast::prep::prepare(&tgz, dir, &Default::default(), &indicatif::ProgressBar::hidden()).unwrap();
     std::fs::remove_file(tgz).unwrap();
     dir.to_path_buf()
 }

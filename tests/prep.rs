@@ -5,7 +5,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 
-use cifar_data::TensorFile;
+use cifar_fast::TensorFile;
 use common::*;
 
 fn listing(dir: &Path) -> HashMap<String, Vec<u8>> {
@@ -68,7 +68,7 @@ fn u8_files_and_extracted_directories() {
     let o = run(prep_exe(), &[&extracted, &"--out", &dir, &"--dtype", &"u8", &"--norm", &"dataset"]);
     assert!(o.status.success(), "{}", text(&o));
     let f = TensorFile::open(dir.join("cifar10-train.safetensors")).unwrap();
-    assert_eq!(f.dtype(), cifar_data::prep::StoreDtype::U8);
+    assert_eq!(f.dtype(), cifar_fast::prep::StoreDtype::U8);
     let (_, pixels) = records(0, 2, 10);
     assert_eq!(f.image_bytes(1), &pixels[IMG..]);
     // --norm dataset: the mean of channel 0 over the 10 train images.

@@ -133,6 +133,29 @@ fn cifar100_binary_keeps_coarse_labels() {
     assert_eq!(f.metadata()["coarse_classes"].matches('"').count(), 40);
 }
 
+#[test]
+fn cifar100_python_reads_fine_and_coarse_labels() {
+    let dir = scratch("prep_c100_py");
+    let mut members = Vec::new();
+    for (split, n) in [("train", 4usize), ("test", 2)] {
+        let fine: Vec<u8> = (0..n).map(|i| (i * 31 % 100) as u8).collect();
+        let coarse: Vec<u8> = (0..n).map(|i| (i * 3 % 20) as u8).collect();
+        let (_, pixels) = records(7, n, 10);
+        let data =
+            pickled_with(&[("fine_labels", &fine), ("coarse_labels", &coarse)], &pixels, &Default::default());
+        members.push((format!("cifar-100-python/{split}"), data));
+    }
+    let tgz = dir.join("cifar-100-python.tar.gz");
+    tar_gz(&tgz, &members);
+    let o = run(prep_exe(), &[&tgz, &"--out", &dir, &"--dtype", &"u8"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let f = TensorFile::open(dir.join("cifar100-train.safetensors")).unwrap();
+    assert_eq!(f.labels(), &[0, 31, 62, 93]);
+    assert_eq!(f.coarse_labels().unwrap(), &[0, 3, 6, 9]);
+    assert_eq!(f.image_bytes(3), &records(7, 4, 10).1[3 * IMG..]);
+    assert_eq!(TensorFile::open(dir.join("cifar100-test.safetensors")).unwrap().len(), 2);
+}
+
 /// Runs a bad conversion into a directory holding good output, and checks the contract: a
 /// non-zero exit, one message naming `names` and the problem, earlier output untouched and
 /// nothing new left behind.

@@ -59,15 +59,23 @@ pub struct PickleFlaws {
 
 /// A protocol-2 pickle as Python 2 wrote CIFAR's: `{'labels': [...], 'data': ndarray}`.
 pub fn pickled_batch(labels: &[u8], pixels: &[u8], flaws: &PickleFlaws) -> Vec<u8> {
+    pickled_with(&[("labels", labels)], pixels, flaws)
+}
+
+/// The same with any label lists (CIFAR-100's `fine_labels` and `coarse_labels`).
+pub fn pickled_with(label_lists: &[(&str, &[u8])], pixels: &[u8], flaws: &PickleFlaws) -> Vec<u8> {
     let mut p = vec![0x80, 2, b'}', b'('];
     binstring(&mut p, b"batch_label");
     binstring(&mut p, b"training batch");
-    binstring(&mut p, b"labels");
-    p.extend_from_slice(b"](");
-    for l in labels {
-        p.extend_from_slice(&[b'K', *l]);
+    for (key, labels) in label_lists {
+        binstring(&mut p, key.as_bytes());
+        p.extend_from_slice(b"](");
+        for l in labels.iter() {
+            p.extend_from_slice(&[b'K', *l]);
+        }
+        p.push(b'e');
     }
-    p.push(b'e');
+    let labels = label_lists[0].1;
     binstring(&mut p, b"data");
     let (module, name) = flaws.global.unwrap_or(("numpy.core.multiarray", "_reconstruct"));
     p.extend_from_slice(format!("c{module}\n{name}\n").as_bytes());

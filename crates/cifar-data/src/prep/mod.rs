@@ -104,38 +104,19 @@ fn fingerprint(input: &Path) -> Result<String> {
     if !input.is_dir() {
         return stamp(input);
     }
-    let mut parts = Vec::new();
-    for e in walkdir(input)? {
-        if layout::role_of(&e.to_string_lossy()).is_some() {
-            parts.push(format!("{}={}", e.display(), stamp(&e)?));
-        }
-    }
-    parts.sort();
+    let parts = tarball::dir_members(input)?
+        .into_iter()
+        .map(|(member, path)| Ok(format!("{member}={}", stamp(&path)?)))
+        .collect::<Result<Vec<_>>>()?;
     Ok(parts.join(","))
-}
-
-fn walkdir(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).at(dir)? {
-        let p = e.at(dir)?.path();
-        if p.is_dir() {
-            for s in std::fs::read_dir(&p).at(&p)? {
-                out.push(s.at(&p)?.path());
-            }
-        } else {
-            out.push(p);
-        }
-    }
-    Ok(out)
 }
 
 fn norm_tag(opts: &PrepOptions) -> String {
     format!("{}:{:?}", opts.dtype.name(), opts.norm)
 }
 
-/// Finds output in `out_dir` made from this very input with these options.
-fn up_to_date(input: &Path, out_dir: &Path, opts: &PrepOptions) -> Result<Option<PrepSummary>> {
-    let print = fingerprint(input)?;
+/// Finds output in `out_dir` made from the input of fingerprint `print` with these options.
+fn up_to_date(input: &Path, print: &str, out_dir: &Path, opts: &PrepOptions) -> Result<Option<PrepSummary>> {
     for kind in [Kind::Cifar10, Kind::Cifar100] {
         let mut splits = Vec::new();
         let mut classes = Vec::new();
@@ -143,7 +124,7 @@ fn up_to_date(input: &Path, out_dir: &Path, opts: &PrepOptions) -> Result<Option
             let path = output_path(out_dir, kind, split);
             let Ok(file) = TensorFile::open(&path) else { break };
             let meta = file.metadata();
-            if meta.get("source_fingerprint") != Some(&print)
+            if meta.get("source_fingerprint").map(String::as_str) != Some(print)
                 || meta.get("prep_options") != Some(&norm_tag(opts))
             {
                 break;
@@ -176,12 +157,12 @@ pub fn prepare(
     progress: &indicatif::ProgressBar,
 ) -> Result<PrepSummary> {
     let start = Instant::now();
+    let print = fingerprint(input)?;
     if !opts.force
-        && let Some(done) = up_to_date(input, out_dir, opts)?
+        && let Some(done) = up_to_date(input, &print, out_dir, opts)?
     {
         return Ok(done);
     }
-    let print = fingerprint(input)?;
     std::fs::create_dir_all(out_dir).at(out_dir)?;
     let mut writers = BTreeMap::new();
     for split in [Split::Train, Split::Test] {

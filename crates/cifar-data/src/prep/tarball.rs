@@ -169,12 +169,9 @@ pub fn for_each_archived_member(
     Ok(())
 }
 
-fn read_dir(
-    dir: &Path,
-    name: String,
-    visit: &mut impl FnMut(Role, &str, &Path, Vec<u8>) -> Result<()>,
-) -> Result<SourceInfo> {
-    // The batches sit in the directory itself or one level down (`data/cifar-10-batches-bin/`).
+/// The CIFAR files of an extracted directory, as `(member name, path)` in name order. The
+/// batches sit in the directory itself or one level down (`data/cifar-10-batches-bin/`).
+pub fn dir_members(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut files: Vec<(String, PathBuf)> = Vec::new();
     for entry in std::fs::read_dir(dir).at(dir)? {
         let path = entry.at(dir)?.path();
@@ -189,6 +186,15 @@ fn read_dir(
     }
     files.retain(|(member, p)| p.is_file() && role_of(member).is_some());
     files.sort();
+    Ok(files)
+}
+
+fn read_dir(
+    dir: &Path,
+    name: String,
+    visit: &mut impl FnMut(Role, &str, &Path, Vec<u8>) -> Result<()>,
+) -> Result<SourceInfo> {
+    let files = dir_members(dir)?;
     let mut sha = Sha256::new();
     let mut bytes_read = 0;
     for (member, path) in files {

@@ -81,6 +81,13 @@ fn an_interrupted_run_resumed_ends_with_the_same_weights() {
     assert_ne!(checkpoint_weights(&whole), checkpoint_weights(&split));
     with(&split, &["--resume"]);
     assert_eq!(checkpoint_weights(&whole), checkpoint_weights(&split));
+    // Stopped exactly at an epoch's end, then resumed: the same too.
+    let edge = dir.join("edge");
+    let stopped = with(&edge, &["--max-steps", "12"]);
+    assert!(stopped.contains("stopped at epoch 1, step 12"), "{stopped}");
+    let resumed = with(&edge, &["--resume"]);
+    assert!(resumed.contains("12 steps"), "{resumed}");
+    assert_eq!(checkpoint_weights(&whole), checkpoint_weights(&edge));
 }
 
 #[test]

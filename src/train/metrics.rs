@@ -33,10 +33,14 @@ impl StepTimes {
         self.images += images;
     }
 
-    /// Adds another span's steps.
+    /// Adds another span's steps (possibly none).
     pub fn merge(&mut self, o: &StepTimes) {
-        self.add(o.wait, o.copy, o.compute, o.total, o.images);
-        self.steps += o.steps - 1;
+        self.wait += o.wait;
+        self.copy += o.copy;
+        self.compute += o.compute;
+        self.total += o.total;
+        self.steps += o.steps;
+        self.images += o.images;
     }
 
     /// The share of step time spent waiting on data, 0..1.
@@ -104,5 +108,23 @@ impl Metrics {
             );
         }
         self.log(&v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merging_adds_every_field_and_tolerates_an_empty_span() {
+        let ms = Duration::from_millis;
+        let mut a = StepTimes::default();
+        a.add(ms(1), ms(2), ms(7), ms(10), 4);
+        let mut b = a;
+        b.add(ms(3), ms(0), ms(7), ms(10), 4);
+        a.merge(&b);
+        a.merge(&StepTimes::default());
+        assert_eq!((a.steps, a.images, a.total, a.wait), (3, 12, ms(30), ms(5)));
+        assert!((a.wait_share() - 5.0 / 30.0).abs() < 1e-12);
     }
 }

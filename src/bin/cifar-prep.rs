@@ -46,6 +46,9 @@ struct Args {
     /// The md5 the download must have (by default, the official one).
     #[arg(long, requires = "download")]
     md5: Option<String>,
+    /// Also draw a PNG grid of the train split: a row per class, its first 10 images, x3.
+    #[arg(long, value_name = "PNG")]
+    preview: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -196,6 +199,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     if !summary.skipped {
         let total: u64 = summary.splits.iter().map(|s| s.bytes).sum();
         println!("wrote {} in {:.2} s", mb(total), summary.seconds);
+    }
+    if let Some(png) = &args.preview {
+        let file = cifar_data::TensorFile::open(&summary.splits[0].path)?;
+        cifar_data::preview::save_png(&cifar_data::preview::class_grid(&file, 10, 3), png)?;
+        println!("preview: {}", png.display());
     }
     Ok(())
 }

@@ -76,6 +76,12 @@ struct Args {
     /// Stop after N steps in all (checkpointing first, if --checkpoint).
     #[arg(long)]
     max_steps: Option<usize>,
+    /// Save the first training batch as the model receives it (augmented), as a PNG grid.
+    #[arg(long, value_name = "PNG")]
+    preview_batch: Option<PathBuf>,
+    /// Draw SVG charts of the run into DIR: loss, accuracy, speed, data wait, confusion matrix.
+    #[arg(long, value_name = "DIR")]
+    plot: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -229,6 +235,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         metrics: args.metrics.clone(),
         log_every: args.log_every.unwrap_or((8000 / args.batch_size).max(1)),
         max_steps: args.max_steps,
+        preview_batch: args.preview_batch.clone(),
+        plot: args.plot.clone(),
         ..TrainConfig::tutorial(train_path, Some(test_path))
     };
     ctrlc::set_handler(|| {
@@ -271,6 +279,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         100.0 * t.copy_share(),
         100.0 * t.compute_share()
     );
+    for f in &s.files {
+        println!("wrote {}", f.display());
+    }
     if s.stopped_early {
         let at = s.position;
         match &cfg.checkpoint {

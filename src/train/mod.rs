@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod metrics;
 pub mod model;
+pub mod plots;
 pub mod resident;
 pub mod sgd;
 
@@ -66,6 +67,10 @@ pub struct TrainConfig {
     pub log_every: usize,
     /// Stop after this many steps in all (checkpointing first).
     pub max_steps: Option<usize>,
+    /// Save the first training batch, as the model receives it, as a PNG grid here.
+    pub preview_batch: Option<PathBuf>,
+    /// Draw the run's charts (SVG) into this directory at the end.
+    pub plot: Option<PathBuf>,
 }
 
 impl TrainConfig {
@@ -92,6 +97,8 @@ impl TrainConfig {
             metrics: None,
             log_every: 2000,
             max_steps: None,
+            preview_batch: None,
+            plot: None,
         }
     }
 }
@@ -130,6 +137,8 @@ pub struct Summary {
     pub stopped_early: bool,
     /// Where it stopped.
     pub position: Position,
+    /// Pictures written (`--preview-batch`, `--plot`).
+    pub files: Vec<PathBuf>,
 }
 
 /// Keeps freed tensor memory in the process instead of returning it to the OS.
@@ -254,6 +263,8 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
     let mut epoch_secs = Vec::new();
     let mut steps_here = 0usize;
     let mut stopped_early = false;
+    let mut history = plots::History::default();
+    let mut files = Vec::new();
     let sync = || {
         if let Device::Cuda(i) = cfg.device {
             tch::Cuda::synchronize(i as i64);
@@ -302,6 +313,12 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
             };
             // Waiting for the device inside the loader is the device computing, not data late.
             let waited = t0.elapsed().saturating_sub(copy + gpu);
+            if steps_here == 0
+                && let Some(png) = &cfg.preview_batch
+            {
+                save_batch_preview(&images, train.file(), png)?;
+                files.push(png.clone());
+            }
             // Compute: forward, backward, update.
             let logits = if cfg.amp {
                 tch::autocast(true, || net.forward_t(&images, true))
@@ -330,6 +347,9 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
                 let mean = running.double_value(&[]) / running_n as f64;
                 final_loss = mean;
                 progress.line(&format!("[{}, {:5}] loss: {:.3}", epoch + 1, pos.step, mean));
+                let speed = epoch_times.images as f64 / epoch_times.total.as_secs_f64();
+                history.loss.push((pos.global_step, mean));
+                history.speed.push((pos.global_step, speed, epoch_times.wait_share()));
                 metrics.log(&serde_json::json!({
                     "type": "loss", "epoch": epoch, "step": pos.step, "global_step": pos.global_step,
                     "loss": mean, "images_per_s": epoch_times.images as f64 / epoch_times.total.as_secs_f64(),
@@ -360,6 +380,7 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
         if let Some(test) = &test {
             let e = evaluate(&*net, test, cfg.batch_size.max(500), cfg.workers, cfg.device)?;
             progress.line(&format!("epoch {}: test accuracy {:.2}%", epoch + 1, 100.0 * e.accuracy));
+            history.accuracy.push((epoch, e.accuracy));
             metrics.log(&serde_json::json!({
                 "type": "epoch", "epoch": epoch, "test_accuracy": e.accuracy, "per_class": e.per_class,
                 "epoch_seconds": epoch_times.total.as_secs_f64(),
@@ -371,6 +392,9 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
         if let Some(dir) = &cfg.checkpoint {
             save(dir, &vs, &opt, &settings, pos)?;
         }
+    }
+    if let Some(dir) = &cfg.plot {
+        files.extend(plots::write_all(dir, &history, eval.as_ref(), &classes)?);
     }
     let summary = Summary {
         images_per_s: times.images as f64 / times.total.as_secs_f64().max(1e-9),
@@ -387,9 +411,20 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
         classes,
         stopped_early,
         position: pos,
+        files,
     };
     metrics.summary(&summary)?;
     Ok(summary)
+}
+
+/// The batch as the model gets it (augmented, normalized), back to bytes, 8 to a row, x3.
+fn save_batch_preview(images: &Tensor, file: &crate::store::TensorFile, png: &std::path::Path) -> Result<()> {
+    let values = Vec::<f32>::try_from(images.to_device(Device::Cpu).contiguous().flatten(0, -1))
+        .map_err(|e| Error::Shape(format!("batch preview: {e}")))?;
+    let per = values.len() / images.size()[0] as usize;
+    let pictures: Vec<Vec<u8>> =
+        values.chunks(per).map(|v| crate::preview::denormalize(v, file.mean(), file.std())).collect();
+    crate::preview::save_png(&crate::preview::image_grid(&pictures, 8, 3), png)
 }
 
 fn save(

@@ -11,6 +11,7 @@ parts of a loader that need no tensor library.
 * [`source`] is where samples come from: the [`Source`] trait, [`Dataset`] over a tensor file,
   and [`ImageFolder`] over `root/<class>/<image>.png` for your own data.
 * [`sampler`] decides each epoch's order from `(seed, epoch)`; [`augment`] crops and flips.
+* [`preview`] draws grids of images with class names, to look at the data.
 
 The `cifar-fast` crate builds the prefetch loader and the training loop on these with `tch`;
 this crate stays free of libtorch, so `cifar-prep` (which uses it alone) starts in milliseconds.
@@ -21,6 +22,7 @@ pub mod augment;
 pub mod error;
 pub mod image_folder;
 pub mod prep;
+pub mod preview;
 pub mod sampler;
 pub mod source;
 pub mod store;

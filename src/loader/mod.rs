@@ -468,9 +468,10 @@ impl Iterator for Epoch<'_> {
         }
         // Refill before handing over, so the workers run while the consumer computes.
         self.dispatch();
-        let slot = done.slot;
+        let mut slot = done.slot;
         let (images, labels) = slot.views();
-        let indices = slot.indices.clone();
+        // The worker sets the slot's indices anew for every job: hand these over, no copy.
+        let indices = std::mem::take(&mut slot.indices);
         let sync_time = std::mem::take(&mut self.loader.synced);
         let batch = match self.loader.device {
             Device::Cpu => Batch {

@@ -203,7 +203,7 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
         )));
     }
     let train = Arc::new(Dataset::open(&cfg.train)?);
-    let test = cfg.test.as_ref().map(Dataset::open).transpose()?;
+    let test = cfg.test.as_ref().map(Dataset::open).transpose()?.map(Arc::new);
     let classes = train.classes();
     let n_classes = classes.len().max(1 + *train.file().labels().iter().max().unwrap_or(&0) as usize) as i64;
     let settings = settings_of(cfg, n_classes, train.len());
@@ -460,15 +460,15 @@ fn load_weights(vs: &nn::VarStore, weights: Vec<(String, Tensor)>) -> std::resul
 /// Accuracy on `test`, overall and per class, and the confusion matrix.
 pub fn evaluate(
     net: &dyn nn::ModuleT,
-    test: &Dataset,
+    test: &Arc<Dataset>,
     batch_size: usize,
     workers: usize,
     device: Device,
 ) -> Result<Evaluation> {
     let classes = test.classes().len().max(1 + *test.file().labels().iter().max().unwrap_or(&0) as usize);
     let mut confusion = vec![vec![0u64; classes]; classes];
-    let file = test.file().path().to_path_buf();
-    let mut loader = Loader::builder(Dataset::open(file)?)
+    // The split opened once by `run`, not re-opened and re-validated every epoch.
+    let mut loader = Loader::builder_arc(test.clone())
         .batch_size(batch_size)
         .shuffle(false)
         .num_workers(workers)

@@ -144,7 +144,7 @@ pub fn write_all(
             "step",
             "cross-entropy",
             &[
-                ("running loss", steps(&history.loss), RED.mix(0.4).to_rgba().into_rgb()),
+                ("running loss", steps(&history.loss), RGBColor(255, 153, 153)),
                 ("smoothed", steps(&smoothed), RED),
             ],
         )?;
@@ -177,17 +177,4 @@ pub fn write_all(
         files.push(path);
     }
     Ok(files)
-}
-
-trait IntoRgb {
-    fn into_rgb(self) -> RGBColor;
-}
-
-impl IntoRgb for RGBAColor {
-    /// The colour over white, as it will look (SVG strokes here take no alpha).
-    fn into_rgb(self) -> RGBColor {
-        let RGBAColor(r, g, b, a) = self;
-        let over = |c: u8| (c as f64 * a + 255.0 * (1.0 - a)).round() as u8;
-        RGBColor(over(r), over(g), over(b))
-    }
 }

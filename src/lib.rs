@@ -48,4 +48,4 @@ pub mod loader;
 pub mod train;
 
 pub use cifar_data::{Augment, Dataset, Error, ImageFolder, Padding, Result, SizePolicy, Source, TensorFile};
-pub use loader::{Batch, Epoch, Loader, LoaderBuilder};
+pub use loader::{Batch, Epoch, Loader, LoaderBuilder, default_prefetch};

@@ -158,6 +158,14 @@ fn bad_settings_are_errors() {
 }
 
 #[test]
+fn small_batches_get_a_deeper_prefetch_by_default() {
+    let data = dataset("loader_prefetch");
+    let depth = |b: usize| Loader::builder(data.clone()).batch_size(b).build().unwrap().prefetch();
+    assert_eq!((depth(1), depth(4), depth(16), depth(32), depth(256)), (64, 16, 4, 4, 4));
+    assert_eq!(Loader::builder(data).batch_size(4).prefetch(2).build().unwrap().prefetch(), 2);
+}
+
+#[test]
 fn u8_files_are_normalized_on_the_fly_to_the_same_values_as_f32_files() {
     let f32 = Dataset::open(tensor_file(&scratch("loader_u8_a"), 4, StoreDtype::F32)).unwrap();
     let u8 = Dataset::open(tensor_file(&scratch("loader_u8_b"), 4, StoreDtype::U8)).unwrap();

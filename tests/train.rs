@@ -52,6 +52,12 @@ fn a_few_steps_lower_the_loss_and_the_metrics_are_as_documented() {
     let share = s["data_wait_share"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&share), "{share}");
     assert_eq!(s["steps"], 75); // 200 images in batches of 8, three times
+    // The rates are images over step time: all of it, and all but the first (warm-up) step's.
+    let f = |k: &str| s[k].as_f64().unwrap_or_else(|| panic!("summary lacks {k}: {s}"));
+    let total = 3.0 * f("epoch_seconds");
+    assert!((f("images_per_s") * total / 600.0 - 1.0).abs() < 1e-6, "{s}");
+    assert!(f("first_step_seconds") > 0.0 && f("first_step_seconds") < total, "{s}");
+    assert!((f("steady_images_per_s") * (total - f("first_step_seconds")) / 592.0 - 1.0).abs() < 1e-6, "{s}");
     let acc = s["test_accuracy"].as_f64().unwrap();
     assert!(acc > 0.5, "a colour per class should be learnt: {acc}");
     // The confusion matrix of the last epoch sums to the test set and matches the accuracy.

@@ -273,6 +273,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         "{} steps, {:.0} images/s, {:.2} s per epoch; final loss {:.3}",
         s.steps, s.images_per_s, s.epoch_seconds, s.final_loss
     );
+    if let Some(steady) = s.steady_images_per_s {
+        println!(
+            "warm-up: the first step took {:.1} ms; {steady:.0} images/s after it",
+            1e3 * s.first_step_seconds
+        );
+    }
     println!(
         "step time: waiting on data {:.2}% | host-to-device copy {:.2}% | compute {:.2}%",
         100.0 * s.data_wait_share,

@@ -217,7 +217,7 @@ impl LoaderBuilder {
             workers.push(handle);
         }
         let (free_tx, free_rx) = crossbeam_channel::unbounded();
-        Ok(Loader {
+        let mut loader = Loader {
             recipe,
             sampler,
             device: self.device,
@@ -232,7 +232,16 @@ impl LoaderBuilder {
             workers,
             next_epoch: self.start.0,
             skip: self.start.1,
-        })
+        };
+        // The pool a steady epoch needs, allocated now rather than inside the first steps
+        // (pinning costs milliseconds a buffer): `prefetch` on their way and one with the
+        // consumer; on CUDA also the buffers whose copies await their synchronisation.
+        let steady = prefetch + if loader.device.is_cuda() { prefetch.max(2) } else { 1 };
+        for _ in 0..steady {
+            let slot = loader.new_slot();
+            let _ = loader.free_tx.send(slot);
+        }
+        Ok(loader)
     }
 }
 
@@ -272,7 +281,8 @@ pub struct Loader {
     /// The pool: slots come back here from dropped batches (CPU) or after a sync (CUDA).
     free_tx: Sender<Slot>,
     free_rx: Receiver<Slot>,
-    /// Slots allocated so far (the pool grows only when all are busy).
+    /// Slots allocated so far (the pool grows past its first size only while the consumer
+    /// keeps batches).
     slots: usize,
     /// CUDA only: slots whose non-blocking copy was issued but not yet synchronised.
     in_flight: Vec<Slot>,
@@ -328,7 +338,8 @@ impl Loader {
         self.len() == 0
     }
 
-    /// Host buffers allocated so far: `prefetch` plus those the consumer holds.
+    /// Host buffers allocated so far: `prefetch` and one for the consumer (on CUDA, and the
+    /// buffers of copies in flight), more if the consumer keeps batches.
     pub fn buffers(&self) -> usize {
         self.slots
     }
@@ -383,6 +394,10 @@ impl Loader {
             }
             return slot;
         }
+        self.new_slot()
+    }
+
+    fn new_slot(&mut self) -> Slot {
         self.slots += 1;
         let pin = self.device.is_cuda().then_some(self.device);
         Slot::new(self.sampler.batch_size, self.recipe.shape, pin)

@@ -87,6 +87,8 @@ impl Metrics {
         let mut v = serde_json::json!({
             "type": "summary",
             "images_per_s": s.images_per_s,
+            "steady_images_per_s": s.steady_images_per_s,
+            "first_step_seconds": s.first_step_seconds,
             "data_wait_share": s.data_wait_share,
             "copy_share": s.times.copy_share(),
             "compute_share": s.times.compute_share(),

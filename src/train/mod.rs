@@ -119,6 +119,12 @@ pub struct Evaluation {
 pub struct Summary {
     /// Training images per second (the steps' wall time, evaluation excluded).
     pub images_per_s: f64,
+    /// Training images per second after the run's first step, which pays for warm-up (the
+    /// first batch, libtorch's first allocations, on CUDA its kernel and cuDNN set-up); `None`
+    /// for a run of one step.
+    pub steady_images_per_s: Option<f64>,
+    /// Wall time of the run's first step, seconds.
+    pub first_step_seconds: f64,
     /// Share of step time spent waiting on data, 0..1.
     pub data_wait_share: f64,
     /// Where the step time went.
@@ -264,6 +270,7 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
     let mut eval = None;
     let mut epoch_secs = Vec::new();
     let mut steps_here = 0usize;
+    let mut warmup = StepTimes::default();
     let mut stopped_early = false;
     let mut history = plots::History::default();
     let mut files = Vec::new();
@@ -336,6 +343,9 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
             drop(held);
             let now = Instant::now();
             epoch_times.add(waited, copy, (now - t0).saturating_sub(waited + copy), now - last, n);
+            if steps_here == 0 {
+                warmup = epoch_times;
+            }
             last = now;
             pos.step += 1;
             pos.global_step += 1;
@@ -398,8 +408,12 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
     if let Some(dir) = &cfg.plot {
         files.extend(plots::write_all(dir, &history, eval.as_ref(), &classes)?);
     }
+    let after_first = (times.total.saturating_sub(warmup.total), times.images - warmup.images);
     let summary = Summary {
         images_per_s: times.images as f64 / times.total.as_secs_f64().max(1e-9),
+        steady_images_per_s: (steps_here > 1)
+            .then(|| after_first.1 as f64 / after_first.0.as_secs_f64().max(1e-9)),
+        first_step_seconds: warmup.total.as_secs_f64(),
         data_wait_share: times.wait_share(),
         epoch_seconds: if epoch_secs.is_empty() {
             times.total.as_secs_f64()

@@ -11,9 +11,12 @@ fn arg(args: &[String], name: &str, default: &str) -> String {
     args.iter().position(|a| a == name).map_or(default.to_string(), |i| args[i + 1].clone())
 }
 
+/// The same allocator as `cifar-train`, so the bound is measured alike.
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() {
-    // The same allocator settings as `cifar-train`, so the bound is measured alike.
-    cifar_fast::train::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let b: i64 = arg(&args, "--batch-size", "32").parse().unwrap();
     let steps: usize = arg(&args, "--steps", "500").parse().unwrap();

@@ -50,8 +50,12 @@ impl Source for Stripes {
     }
 }
 
+/// As in `cifar-train`: jemalloc for the process, libtorch included.
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> anyhow::Result<()> {
-    cifar_fast::train::keep_freed_memory();
     let source: Arc<dyn Source> = match std::env::args().nth(1) {
         Some(dir) => Arc::new(ImageFolder::new(dir)?),
         None => Arc::new(Stripes { len: 4000 }),

@@ -154,7 +154,8 @@ pub struct Summary {
 /// are page-faulted in anew: measured here, 600 faults a step and a LeNet CPU step 1.5× slower,
 /// and erratic, depending on where the threshold had drifted. Fixing the thresholds keeps those
 /// blocks on the heap for reuse, as PyTorch users get from jemalloc or tcmalloc. Call it first
-/// thing in `main`, before any thread allocates.
+/// thing in `main`, before any thread allocates. (`cifar-train` goes further and links jemalloc
+/// as the process's allocator, which libtorch then uses too: see its source.)
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: `mallopt` only sets allocator parameters; it is called before other threads exist

@@ -151,33 +151,53 @@ def bench_train(args):
     our_steps = {4: 5000, 32: 1200, 256: 150}
     rows = {}
     metrics = os.path.join(tempfile.mkdtemp(), "m.jsonl")
-    for _ in range(args.reps):
+
+    def reference(b):
+        return json_line([sys.executable, REFERENCE, "--root", os.path.join(data, "py"), "--batch-size", str(b),
+                          "--workers", "1", "--steps", str(ref_steps.get(b, 40)), "--json"])
+
+    def ours(b):
+        sh([os.path.join(RELEASE, "cifar-train"), "--data", data, "--device", "cpu", "--batch-size", str(b),
+            "--workers", str(args.workers[0]), "--epochs", "1", "--max-steps", str(our_steps.get(b, 150)),
+            "--metrics", metrics])
+        with open(metrics) as f:
+            return json.loads(f.read().strip().splitlines()[-1])
+
+    def bound(b):
+        return json_line([step_exe, "--batch-size", str(b), "--steps", str(our_steps.get(b, 150))])
+
+    contenders = [("reference", reference), ("ours", ours), ("bound", bound)]
+    for rep in range(args.reps):
         for b in args.batch_sizes:
-            rows.setdefault(("reference", b), []).append(json_line(
-                [sys.executable, REFERENCE, "--root", os.path.join(data, "py"), "--batch-size", str(b),
-                 "--workers", "1", "--steps", str(ref_steps.get(b, 40)), "--json"]))
-            sh([os.path.join(RELEASE, "cifar-train"), "--data", data, "--device", "cpu", "--batch-size", str(b),
-                "--workers", str(args.workers[0]), "--epochs", "1", "--max-steps", str(our_steps.get(b, 150)),
-                "--metrics", metrics])
-            with open(metrics) as f:
-                rows.setdefault(("ours", b), []).append(json.loads(f.read().strip().splitlines()[-1]))
-            rows.setdefault(("bound", b), []).append(json_line([step_exe, "--batch-size", str(b), "--steps",
-                                                               str(our_steps.get(b, 150))]))
+            # Each run after the other two in turn: whatever one leaves behind (a warm or busy
+            # machine) falls on each alike.
+            for name, run in contenders[rep % 3:] + contenders[:rep % 3]:
+                rows.setdefault((name, b), []).append(run(b))
+    # Ratios are taken within a rep (runs seconds apart) and their median reported: this
+    # machine's speed drifts between reps by more than the differences measured.
+    def ratio(b, num, den):
+        return median([n / d for n, d in zip(num(b), den(b))])
+
+    def speed(name, key="images_per_s"):
+        return lambda b: [r[key] for r in rows[(name, b)]]
+
     med = {k: median([r["images_per_s"] for r in v]) for k, v in rows.items()}
     wait = {b: median([r["data_wait_share"] for r in rows[("ours", b)]]) for b in args.batch_sizes}
     # The bound times its steps after 20 untimed warm-up steps: set it against our steps after
     # the first, while "× reference" sets whole runs (start-up and all) side by side.
-    steady = {b: median([r["steady_images_per_s"] for r in rows[("ours", b)]]) for b in args.batch_sizes}
+    steady = {b: median(speed("ours", "steady_images_per_s")(b)) for b in args.batch_sizes}
     first = {b: median([r["first_step_seconds"] for r in rows[("ours", b)]]) for b in args.batch_sizes}
     threads = rows[("reference", args.batch_sizes[0])][0]["torch_threads"]
     print(f"\nCPU training images/s, median of {args.reps} runs; {threads} torch threads for both; "
-          f"reference: `seed_baseline.py --workers 1`, cifar-train: `--workers {args.workers[0]}`\n")
+          f"reference: `seed_baseline.py --workers 1`, cifar-train: `--workers {args.workers[0]}`; "
+          "ratios: median of the ratios within each rep\n")
     print("| B | reference | cifar-train | × reference | data wait (share of step) | first step | after it | in-memory step (bound) | % of bound |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for b in args.batch_sizes:
-        ref, ours, bound = med[("reference", b)], med[("ours", b)], med[("bound", b)]
-        print(f"| {b} | {ref:,.0f} | {ours:,.0f} | {ours / ref:.1f}× | {100 * wait[b]:.2f}% | {1e3 * first[b]:.0f} ms "
-              f"| {steady[b]:,.0f} | {bound:,.0f} | {100 * steady[b] / bound:.0f}% |")
+        x_ref = ratio(b, speed("ours"), speed("reference"))
+        of_bound = ratio(b, speed("ours", "steady_images_per_s"), speed("bound"))
+        print(f"| {b} | {med[('reference', b)]:,.0f} | {med[('ours', b)]:,.0f} | {x_ref:.1f}× | {100 * wait[b]:.2f}% "
+              f"| {1e3 * first[b]:.0f} ms | {steady[b]:,.0f} | {med[('bound', b)]:,.0f} | {100 * of_bound:.0f}% |")
     print("\nall runs:", json.dumps({"/".join(map(str, k)): [round(r["images_per_s"]) for r in v] for k, v in rows.items()}))
     print("after the first step:", json.dumps({b: [round(r["steady_images_per_s"]) for r in rows[("ours", b)]]
                                                 for b in args.batch_sizes}))

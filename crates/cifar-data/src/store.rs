@@ -5,7 +5,6 @@ use std::fs::File;
 use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use memmap2::Mmap;
 use safetensors::Dtype;
@@ -21,8 +20,7 @@ const MAX_HEADER: u64 = 100_000_000;
 /// A prepared split (`cifar10-train.safetensors`, ...), mapped and validated.
 pub struct TensorFile {
     path: PathBuf,
-    /// Shared with the thread that populates it (see `populate_in_background`).
-    map: Arc<Mmap>,
+    map: Mmap,
     len: usize,
     dtype: StoreDtype,
     images: Range<usize>,
@@ -43,8 +41,6 @@ impl std::fmt::Debug for TensorFile {
 impl TensorFile {
     /// Opens and validates `path`. A truncated or corrupt file is an error here, never a
     /// SIGBUS later: every tensor's extent is checked against the file's length before mapping.
-    /// Then a background thread enters the mapping's pages into the process (see
-    /// `populate_in_background`), so that later reads do not page-fault.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let bad = |msg: String| Error::format(path, msg);
@@ -125,7 +121,7 @@ impl TensorFile {
         // we read lies inside the mapping. The mapping is undefined behaviour only if another
         // process truncates or rewrites the file while it is mapped; `cifar-prep` never does that
         // (it writes a new file and renames it over the old name, leaving mapped pages intact).
-        let map = Arc::new(unsafe { Mmap::map(&file) }.at(path)?);
+        let map = unsafe { Mmap::map(&file) }.at(path)?;
         let out = TensorFile {
             path: path.to_path_buf(),
             map,
@@ -143,7 +139,6 @@ impl TensorFile {
         if let Some(i) = out.labels().iter().position(|&l| l < 0 || l as usize >= classes) {
             return Err(bad(format!("label {} of sample {i} is out of range", out.labels()[i])));
         }
-        populate_in_background(&out.map);
         Ok(out)
     }
 
@@ -211,42 +206,4 @@ impl TensorFile {
     pub fn all_image_bytes(&self) -> &[u8] {
         &self.map[self.images.clone()]
     }
-}
-
-/// Enters the whole mapping into this process's page tables on a thread of its own, so that
-/// the loader's reads do not page-fault.
-///
-/// A mapped file's pages are faulted in one small window at a time on first touch: a shuffled
-/// first epoch takes a fault every few samples, on the workers, which share the cores with
-/// training. Measured on 2 cores over the first 1,000 steps at batch 32 (150 at batch 256),
-/// the step ran at 94.6% (93.3%) of the in-memory step, and at 97.5% (96.8%) with the file
-/// populated first. Populating takes 60–120 ms for the 614 MB training split, so it runs beside
-/// the first batches instead of delaying them, in chunks so that the first ones mapped serve
-/// at once. Skipped for files over half the available memory, which it would only evict again.
-fn populate_in_background(map: &Arc<Mmap>) {
-    #[cfg(target_os = "linux")]
-    {
-        if map.len() as u64 > available_memory().unwrap_or(0) / 2 {
-            return;
-        }
-        let map = Arc::clone(map);
-        let _ = std::thread::Builder::new().name("cifar-populate".into()).spawn(move || {
-            const CHUNK: usize = 8 << 20;
-            for start in (0..map.len()).step_by(CHUNK) {
-                let len = CHUNK.min(map.len() - start);
-                if map.advise_range(memmap2::Advice::PopulateRead, start, len).is_err() {
-                    break; // a kernel before 5.14: the pages fault in as they are read
-                }
-            }
-        });
-    }
-}
-
-/// `MemAvailable` from `/proc/meminfo`, in bytes.
-#[cfg(target_os = "linux")]
-fn available_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }

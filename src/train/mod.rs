@@ -240,15 +240,8 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
 
     // The training batches come from one of these.
     let (mut loader, resident) = if cfg.resident {
-        let sampler = crate::sampler::Sampler {
-            len: train.len(),
-            batch_size: cfg.batch_size,
-            shuffle: true,
-            seed: cfg.seed,
-            drop_last: false,
-            rank: 0,
-            world: 1,
-        };
+        // The order the pipelined loader below would give (its defaults), batched on the device.
+        let sampler = crate::sampler::Sampler::shuffled(train.len(), cfg.batch_size, cfg.seed);
         (None, Some((Resident::new(train.clone(), augment, cfg.seed, cfg.device)?, sampler)))
     } else {
         let mut builder = Loader::builder_arc(train.clone())

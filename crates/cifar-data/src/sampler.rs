@@ -37,6 +37,12 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// `DataLoader(shuffle=True)`'s order: each epoch a new permutation of all `len` samples,
+    /// one shard, the last short batch kept.
+    pub fn shuffled(len: usize, batch_size: usize, seed: u64) -> Self {
+        Sampler { len, batch_size, shuffle: true, seed, drop_last: false, rank: 0, world: 1 }
+    }
+
     /// This shard's sample indices for `epoch`, in order. Shards take every `world`-th sample
     /// of the permutation from `rank` on: disjoint, and together the whole epoch.
     pub fn indices(&self, epoch: u64) -> Vec<usize> {

@@ -173,20 +173,20 @@ def bench_train(args):
             # machine) falls on each alike.
             for name, run in contenders[rep % 3:] + contenders[:rep % 3]:
                 rows.setdefault((name, b), []).append(run(b))
+    def values(name, b, key="images_per_s"):
+        return [r[key] for r in rows[(name, b)]]
+
     # Ratios are taken within a rep (runs seconds apart) and their median reported: this
     # machine's speed drifts between reps by more than the differences measured.
-    def ratio(b, num, den):
-        return median([n / d for n, d in zip(num(b), den(b))])
+    def ratio(num, den):
+        return median([n / d for n, d in zip(num, den)])
 
-    def speed(name, key="images_per_s"):
-        return lambda b: [r[key] for r in rows[(name, b)]]
-
-    med = {k: median([r["images_per_s"] for r in v]) for k, v in rows.items()}
-    wait = {b: median([r["data_wait_share"] for r in rows[("ours", b)]]) for b in args.batch_sizes}
+    med = {k: median(values(*k)) for k in rows}
+    wait = {b: median(values("ours", b, "data_wait_share")) for b in args.batch_sizes}
     # The bound times its steps after 20 untimed warm-up steps: set it against our steps after
     # the first, while "× reference" sets whole runs (start-up and all) side by side.
-    steady = {b: median(speed("ours", "steady_images_per_s")(b)) for b in args.batch_sizes}
-    first = {b: median([r["first_step_seconds"] for r in rows[("ours", b)]]) for b in args.batch_sizes}
+    steady = {b: median(values("ours", b, "steady_images_per_s")) for b in args.batch_sizes}
+    first = {b: median(values("ours", b, "first_step_seconds")) for b in args.batch_sizes}
     threads = rows[("reference", args.batch_sizes[0])][0]["torch_threads"]
     print(f"\nCPU training images/s, median of {args.reps} runs; {threads} torch threads for both; "
           f"reference: `seed_baseline.py --workers 1`, cifar-train: `--workers {args.workers[0]}`; "
@@ -194,12 +194,12 @@ def bench_train(args):
     print("| B | reference | cifar-train | × reference | data wait (share of step) | first step | after it | in-memory step (bound) | % of bound |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for b in args.batch_sizes:
-        x_ref = ratio(b, speed("ours"), speed("reference"))
-        of_bound = ratio(b, speed("ours", "steady_images_per_s"), speed("bound"))
+        x_ref = ratio(values("ours", b), values("reference", b))
+        of_bound = ratio(values("ours", b, "steady_images_per_s"), values("bound", b))
         print(f"| {b} | {med[('reference', b)]:,.0f} | {med[('ours', b)]:,.0f} | {x_ref:.1f}× | {100 * wait[b]:.2f}% "
               f"| {1e3 * first[b]:.0f} ms | {steady[b]:,.0f} | {med[('bound', b)]:,.0f} | {100 * of_bound:.0f}% |")
     print("\nall runs:", json.dumps({"/".join(map(str, k)): [round(r["images_per_s"]) for r in v] for k, v in rows.items()}))
-    print("after the first step:", json.dumps({b: [round(r["steady_images_per_s"]) for r in rows[("ours", b)]]
+    print("after the first step:", json.dumps({b: [round(v) for v in values("ours", b, "steady_images_per_s")]
                                                 for b in args.batch_sizes}))
 
 

@@ -236,7 +236,7 @@ impl LoaderBuilder {
         // The pool a steady epoch needs, allocated now rather than inside the first steps
         // (pinning costs milliseconds a buffer): `prefetch` on their way and one with the
         // consumer; on CUDA also the buffers whose copies await their synchronisation.
-        let steady = prefetch + if loader.device.is_cuda() { prefetch.max(2) } else { 1 };
+        let steady = prefetch + if loader.device.is_cuda() { loader.max_in_flight() } else { 1 };
         for _ in 0..steady {
             let slot = loader.new_slot();
             let _ = loader.free_tx.send(slot);
@@ -382,7 +382,7 @@ impl Loader {
         // to wait for one copy, so we wait for the device (which follows every copy issued) and
         // only then give those buffers back. Batching the waits (one per `prefetch` steps)
         // keeps the GPU's queue from draining every step.
-        if self.in_flight.len() >= self.prefetch.max(2)
+        if self.in_flight.len() >= self.max_in_flight()
             && let Device::Cuda(i) = self.device
         {
             let t = std::time::Instant::now();
@@ -395,6 +395,11 @@ impl Loader {
             return slot;
         }
         self.new_slot()
+    }
+
+    /// CUDA: copies left in flight before one synchronisation frees their buffers.
+    fn max_in_flight(&self) -> usize {
+        self.prefetch.max(2)
     }
 
     fn new_slot(&mut self) -> Slot {

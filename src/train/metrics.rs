@@ -89,6 +89,7 @@ impl Metrics {
             "images_per_s": s.images_per_s,
             "steady_images_per_s": s.steady_images_per_s,
             "first_step_seconds": s.first_step_seconds,
+            "populate_seconds": s.populate_seconds,
             "data_wait_share": s.data_wait_share,
             "copy_share": s.times.copy_share(),
             "compute_share": s.times.compute_share(),

@@ -206,4 +206,38 @@ impl TensorFile {
     pub fn all_image_bytes(&self) -> &[u8] {
         &self.map[self.images.clone()]
     }
+
+    /// Enters every page of the file into this process's page tables now, reading from disk
+    /// what the page cache lacks: the counterpart of torchvision's `CIFAR10`, which reads the
+    /// whole split into memory before training. Returns whether it did; it does not when the
+    /// file is over half the available memory (populating would only evict pages again) or
+    /// the kernel is older than Linux 5.14. Either way reads stay correct: pages not entered
+    /// here fault in as they are read.
+    ///
+    /// Why: a mapped file's pages are entered one small window (64 KB) at a time on first
+    /// touch, so a shuffled first epoch takes a page fault every few samples, on the loader's
+    /// workers, which share the cores with training. Measured on 2 cores at batch 256, a
+    /// first epoch ran at about 90% of the in-memory step early on and a second one (all
+    /// pages entered) at 100%. Populating the 614 MB training split takes 60–90 ms there.
+    /// Not done by [`TensorFile::open`]: it would delay the loader's first batch by as much.
+    pub fn populate(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        {
+            if self.map.len() as u64 > available_memory().unwrap_or(0) / 2 {
+                return false;
+            }
+            self.map.advise(memmap2::Advice::PopulateRead).is_ok()
+        }
+        #[cfg(not(target_os = "linux"))]
+        false
+    }
+}
+
+/// `MemAvailable` from `/proc/meminfo`, in bytes.
+#[cfg(target_os = "linux")]
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

@@ -310,3 +310,15 @@ fn download_checks_md5_and_then_converts() {
     );
     assert_eq!(TensorFile::open(data.join("cifar10-train.safetensors")).unwrap().len(), 5);
 }
+
+#[test]
+fn a_closed_stdout_ends_the_run_quietly_after_the_files_are_written() {
+    let dir = scratch("prep_closed_stdout");
+    let tgz = dir.join("c.tar.gz");
+    tar_gz(&tgz, &cifar10_members(1, 1, false));
+    let o = run_with_stdout_closed(prep_exe(), &[&tgz, &"--out", &dir]);
+    // SIGPIPE's status, as `cmd | head` gives a C program; no panic message.
+    assert_eq!(o.status.code(), Some(141), "{}", text(&o));
+    assert!(o.stderr.is_empty(), "{}", text(&o));
+    assert_eq!(TensorFile::open(dir.join("cifar10-train.safetensors")).unwrap().len(), 5);
+}

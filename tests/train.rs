@@ -156,3 +156,12 @@ fn bad_input_is_one_clear_error() {
     std::fs::write(&test, &bytes[..bytes.len() - 100]).unwrap();
     refused(train(&dir, &[]), "cifar10-test.safetensors: the header describes");
 }
+
+#[test]
+fn a_closed_stdout_ends_the_run_quietly() {
+    let dir = learnable_data(&scratch("train_closed_stdout"), 4);
+    let args: [&dyn AsRef<std::ffi::OsStr>; 6] = [&"--data", &dir, &"--device", &"cpu", &"--max-steps", &"1"];
+    let o = run_with_stdout_closed(train_exe(), &args);
+    assert_eq!(o.status.code(), Some(141), "{}", text(&o));
+    assert!(o.stderr.is_empty(), "{}", text(&o));
+}

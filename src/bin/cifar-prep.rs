@@ -1,12 +1,15 @@
 //! `cifar-prep`: CIFAR tarballs into memory-mappable safetensors files. See `--help`.
 //!
 //! It uses the `cifar-data` crate alone, so it links no libtorch and starts in milliseconds.
+mod common;
+
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use cifar_data::prep::{self, Norm, PrepOptions, StoreDtype, download};
 use clap::{Parser, ValueEnum};
+use common::say;
 
 /// Unpack CIFAR-10/100 into one normalized, memory-mappable tensor file per split.
 #[derive(Parser, Debug)]
@@ -138,7 +141,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let pb = progress_bar(0, "download");
         let got = download::download(url, md5, &dest, &pb)?;
         pb.finish_and_clear();
-        println!("downloaded {} (md5 {md5} verified)", got.display());
+        say!("downloaded {} (md5 {md5} verified)", got.display());
         got
     } else {
         match args.input {
@@ -168,42 +171,42 @@ fn run(args: Args) -> anyhow::Result<()> {
     let summary = prep::prepare(&input, &args.out, &opts, &pb)?;
     pb.finish_and_clear();
     if summary.skipped {
-        println!(
+        say!(
             "{}: up to date (made from this input with these options; --force converts again)",
             input.display()
         );
     } else {
         match (summary.source.md5.as_deref(), input.is_dir()) {
             (Some(md5), _) => match download::official_by_md5(md5) {
-                Some(o) => println!("{}: md5 {md5} is the official {}'s: verified", input.display(), o.file),
-                None => println!(
+                Some(o) => say!("{}: md5 {md5} is the official {}'s: verified", input.display(), o.file),
+                None => say!(
                     "{}: md5 {md5} is not an official CIFAR tarball's; converted anyway",
                     input.display()
                 ),
             },
-            (None, false) => println!(
+            (None, false) => say!(
                 "{}: not an official CIFAR tarball (its size is none of theirs); converted anyway",
                 input.display()
             ),
             (None, true) => {
-                println!("{}: a directory, not checked against the official md5 sums", input.display())
+                say!("{}: a directory, not checked against the official md5 sums", input.display())
             }
         }
     }
     for s in &summary.splits {
-        println!("{:>5}: {} images -> {} ({})", s.split.name(), s.images, s.path.display(), mb(s.bytes));
+        say!("{:>5}: {} images -> {} ({})", s.split.name(), s.images, s.path.display(), mb(s.bytes));
         let counts: Vec<String> =
             summary.classes.iter().zip(&s.per_class).map(|(c, n)| format!("{c} {n}")).collect();
-        println!("       per class: {}", counts.join(", "));
+        say!("       per class: {}", counts.join(", "));
     }
     if !summary.skipped {
         let total: u64 = summary.splits.iter().map(|s| s.bytes).sum();
-        println!("wrote {} in {:.2} s", mb(total), summary.seconds);
+        say!("wrote {} in {:.2} s", mb(total), summary.seconds);
     }
     if let Some(png) = &args.preview {
         let file = cifar_data::TensorFile::open(&summary.splits[0].path)?;
         cifar_data::preview::save_png(&cifar_data::preview::class_grid(&file, 10, 3), png)?;
-        println!("preview: {}", png.display());
+        say!("preview: {}", png.display());
     }
     Ok(())
 }

@@ -1,4 +1,6 @@
 //! `cifar-train`: the PyTorch CIFAR-10 tutorial's training, on the prefetch pipeline. See `--help`.
+mod common;
+
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
@@ -6,6 +8,7 @@ use anyhow::{Context, bail};
 use cifar_fast::prep::{self, PrepOptions};
 use cifar_fast::train::{self, ModelKind, Progress, TrainConfig};
 use clap::{Parser, ValueEnum};
+use common::say;
 use tch::Device;
 
 /// jemalloc serves the whole process, libtorch included: with the `unprefixed` feature its
@@ -146,7 +149,7 @@ fn find_data(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
             dir.display()
         );
     };
-    println!("preparing {} (once) ...", input.display());
+    say!("preparing {} (once) ...", input.display());
     let s = prep::prepare(&input, dir, &PrepOptions::default(), &indicatif::ProgressBar::hidden())?;
     let path = |i: usize| s.splits[i].path.clone();
     Ok((path(0), path(1)))
@@ -171,7 +174,7 @@ impl Progress for Report {
             bar.set_message(format!("{}", epoch + 1));
             self.bar = Some(bar);
         } else {
-            println!("epoch {}: {steps} steps", epoch + 1);
+            say!("epoch {}: {steps} steps", epoch + 1);
         }
     }
 
@@ -190,7 +193,7 @@ impl Progress for Report {
     fn line(&mut self, line: &str) {
         match &self.bar {
             Some(bar) => bar.println(line),
-            None => println!("{line}"),
+            None => say!("{line}"),
         }
     }
 }
@@ -252,7 +255,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         train::INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
     })
     .context("installing the Ctrl-C handler")?;
-    println!(
+    say!(
         "training {} on {:?} ({}), batch {}, {} epochs, {} threads",
         cfg.model.name(),
         device,
@@ -267,45 +270,48 @@ fn run(args: Args) -> anyhow::Result<()> {
         bar.finish_and_clear();
     }
     if let Some(e) = &s.eval {
-        println!(
+        say!(
             "Accuracy of the network on the {} test images: {:.1} %",
             e.confusion.iter().flatten().sum::<u64>(),
             100.0 * e.accuracy
         );
         for (c, a) in s.classes.iter().zip(&e.per_class) {
-            println!("Accuracy for class: {c:10} is {:.1} %", 100.0 * a);
+            say!("Accuracy for class: {c:10} is {:.1} %", 100.0 * a);
         }
     }
     let t = &s.times;
-    println!(
+    say!(
         "{} steps, {:.0} images/s, {:.2} s per epoch; final loss {:.3}",
-        s.steps, s.images_per_s, s.epoch_seconds, s.final_loss
+        s.steps,
+        s.images_per_s,
+        s.epoch_seconds,
+        s.final_loss
     );
     if let Some(steady) = s.steady_images_per_s {
-        println!(
+        say!(
             "warm-up: the first step took {:.1} ms; {steady:.0} images/s after it",
             1e3 * s.first_step_seconds
         );
     }
-    println!(
+    say!(
         "step time: waiting on data {:.2}% | host-to-device copy {:.2}% | compute {:.2}%",
         100.0 * s.data_wait_share,
         100.0 * t.copy_share(),
         100.0 * t.compute_share()
     );
     for f in &s.files {
-        println!("wrote {}", f.display());
+        say!("wrote {}", f.display());
     }
     if s.stopped_early {
         let at = s.position;
         match &cfg.checkpoint {
-            Some(dir) => println!(
+            Some(dir) => say!(
                 "stopped at epoch {}, step {}; checkpoint in {} (continue with --resume)",
                 at.epoch + 1,
                 at.step,
                 dir.display()
             ),
-            None => println!("stopped at epoch {}, step {} (no --checkpoint given)", at.epoch + 1, at.step),
+            None => say!("stopped at epoch {}, step {} (no --checkpoint given)", at.epoch + 1, at.step),
         }
     }
     Ok(())

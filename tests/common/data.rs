@@ -198,3 +198,10 @@ pub fn learnable_data(dir: &Path, per_batch: usize) -> PathBuf {
     std::fs::remove_file(tgz).unwrap();
     dir.to_path_buf()
 }
+
+/// Runs `exe` with its stdout a pipe nobody reads (as in `exe | head` once head has exited).
+pub fn run_with_stdout_closed(exe: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    Command::new(exe).args(args.iter().map(|a| a.as_ref())).stdout(writer).output().unwrap()
+}

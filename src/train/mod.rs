@@ -1,5 +1,6 @@
 //! The training loop of `cifar-train`: the tutorial's experiment on the prefetch pipeline (or
 //! on GPU-resident data), timing where every second of a step goes.
+mod batches;
 pub mod checkpoint;
 pub mod metrics;
 pub mod model;
@@ -10,14 +11,14 @@ pub mod sgd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tch::{Device, Kind, Tensor, nn};
 
+use self::batches::Batches;
 use self::checkpoint::{Checkpoint, Position, RunSettings};
 use self::metrics::{Metrics, StepTimes};
 pub use self::model::ModelKind;
-use self::resident::Resident;
 use self::sgd::Sgd;
 use crate::augment::Augment;
 use crate::error::{Error, Result};
@@ -198,6 +199,114 @@ fn settings_of(cfg: &TrainConfig, classes: i64, train_len: usize) -> RunSettings
 
 /// Trains as `cfg` says, reporting to `progress`.
 pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
+    check(cfg)?;
+    let train = Arc::new(Dataset::open(&cfg.train)?);
+    let test = cfg.test.as_ref().map(Dataset::open).transpose()?.map(Arc::new);
+    let classes = train.classes();
+    let n_classes = classes.len().max(1 + *train.file().labels().iter().max().unwrap_or(&0) as usize) as i64;
+    let settings = settings_of(cfg, n_classes, train.len());
+
+    tch::manual_seed(cfg.seed as i64);
+    let vs = nn::VarStore::new(cfg.device);
+    let net = model::build(cfg.model, &vs.root(), n_classes);
+    let mut opt = Sgd::new(&vs, cfg.lr, cfg.momentum, cfg.weight_decay);
+    let mut pos = Position { epoch: 0, step: 0, global_step: 0 };
+    if cfg.resume {
+        pos = resume(cfg, &vs, &mut opt, &settings)?;
+    }
+    let populate_seconds = if cfg.resident { 0.0 } else { populate(&train, progress) };
+    let augment = if cfg.augment { Augment::standard() } else { Augment::default() };
+    let mut batches = Batches::new(cfg, &train, augment, pos)?;
+    let mut record = Record::new(cfg.metrics.as_deref())?;
+
+    'epochs: while pos.epoch < cfg.epochs {
+        let epoch = pos.epoch;
+        progress.epoch(epoch, batches.per_epoch() - pos.step);
+        let mut running = (Tensor::zeros([], (Kind::Float, cfg.device)), 0usize);
+        let mut times = StepTimes::default();
+        let mut fetch = batches.epoch(epoch, pos.step);
+        let mut last = Instant::now();
+        loop {
+            // Data: the wait for the next batch (and its device copy) is what we measure.
+            let t0 = Instant::now();
+            let Some(batch) = fetch.next() else { break };
+            let batch = batch?;
+            // Waiting for the device inside the loader is the device computing, not data late.
+            let waited = t0.elapsed().saturating_sub(batch.copy + batch.device_wait);
+            if record.steps == 0
+                && let Some(png) = &cfg.preview_batch
+            {
+                save_batch_preview(&batch.images, train.file(), png)?;
+                record.files.push(png.clone());
+            }
+            let loss = train_step(&*net, &mut opt, &batch.images, &batch.labels, cfg.amp);
+            running.0 += loss.detach();
+            running.1 += 1;
+            let (n, copy) = (batch.len, batch.copy);
+            drop(batch); // the loader may refill its buffer now
+            let now = Instant::now();
+            times.add(waited, copy, (now - t0).saturating_sub(waited + copy), now - last, n);
+            last = now;
+            record.step(&times);
+            pos.step += 1;
+            pos.global_step += 1;
+            progress.step(times.images as f64 / times.total.as_secs_f64());
+            let stop =
+                INTERRUPTED.load(Ordering::SeqCst) || cfg.max_steps.is_some_and(|m| pos.global_step >= m);
+            if pos.step.is_multiple_of(cfg.log_every) || stop {
+                // One sync per log line: the tutorial's `loss.item()` every step would stall
+                // the GPU's queue every step.
+                let mean = running.0.double_value(&[]) / running.1 as f64;
+                record.loss(progress, pos, mean, &times)?;
+                running = (Tensor::zeros([], (Kind::Float, cfg.device)), 0);
+            }
+            if stop {
+                drop(fetch);
+                sync(cfg.device);
+                record.stopped_early = true;
+                record.times.merge(&times);
+                if let Some(dir) = &cfg.checkpoint {
+                    save(dir, &vs, &opt, &settings, pos)?;
+                }
+                break 'epochs;
+            }
+        }
+        drop(fetch);
+        sync(cfg.device);
+        if running.1 > 0 {
+            record.final_loss = running.0.double_value(&[]) / running.1 as f64;
+        }
+        record.epoch_seconds.push(times.total.as_secs_f64());
+        record.times.merge(&times);
+        pos = Position { epoch: epoch + 1, step: 0, global_step: pos.global_step };
+        if let Some(test) = &test {
+            let e = evaluate(&*net, test, cfg.batch_size.max(500), cfg.workers, cfg.device)?;
+            record.evaluation(progress, epoch, e, &times)?;
+        }
+        if let Some(dir) = &cfg.checkpoint {
+            save(dir, &vs, &opt, &settings, pos)?;
+        }
+    }
+    if let Some(dir) = &cfg.plot {
+        let files = plots::write_all(dir, &record.history, record.eval.as_ref(), &classes)?;
+        record.files.extend(files);
+    }
+    record.finish(classes, pos, populate_seconds)
+}
+
+/// One training step: forward, loss, backward, update. Returns the loss (not synchronised).
+fn train_step(net: &dyn nn::ModuleT, opt: &mut Sgd, images: &Tensor, labels: &Tensor, amp: bool) -> Tensor {
+    let logits =
+        if amp { tch::autocast(true, || net.forward_t(images, true)) } else { net.forward_t(images, true) };
+    let loss = logits.to_kind(Kind::Float).cross_entropy_for_logits(labels);
+    opt.zero_grad();
+    loss.backward();
+    opt.step();
+    loss
+}
+
+/// The settings `run` refuses before touching any data.
+fn check(cfg: &TrainConfig) -> Result<()> {
     if cfg.batch_size == 0 {
         return Err(Error::Config("--batch-size must be at least 1".into()));
     }
@@ -212,238 +321,160 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
             tch::Cuda::device_count()
         )));
     }
-    let train = Arc::new(Dataset::open(&cfg.train)?);
-    let test = cfg.test.as_ref().map(Dataset::open).transpose()?.map(Arc::new);
-    let classes = train.classes();
-    let n_classes = classes.len().max(1 + *train.file().labels().iter().max().unwrap_or(&0) as usize) as i64;
-    let settings = settings_of(cfg, n_classes, train.len());
-    let augment = if cfg.augment { Augment::standard() } else { Augment::default() };
+    Ok(())
+}
 
-    tch::manual_seed(cfg.seed as i64);
-    let vs = nn::VarStore::new(cfg.device);
-    let net = model::build(cfg.model, &vs.root(), n_classes);
-    let mut opt = Sgd::new(&vs, cfg.lr, cfg.momentum, cfg.weight_decay);
+/// Loads the checkpoint in `cfg.checkpoint` into the model and optimizer, after checking it was
+/// made with these settings; returns where it stopped.
+fn resume(cfg: &TrainConfig, vs: &nn::VarStore, opt: &mut Sgd, settings: &RunSettings) -> Result<Position> {
+    let dir =
+        cfg.checkpoint.as_ref().ok_or_else(|| Error::Config("--resume needs --checkpoint DIR".into()))?;
+    let ck = Checkpoint::load(dir)?;
+    let diff = ck.settings.differences(settings);
+    if !diff.is_empty() {
+        return Err(Error::format(
+            checkpoint::path_in(dir),
+            format!("was made with other settings ({}): cannot resume this run", diff.join("; ")),
+        ));
+    }
+    load_weights(vs, ck.weights).map_err(|m| Error::format(checkpoint::path_in(dir), m))?;
+    opt.load_state(ck.momentum).map_err(|m| Error::format(checkpoint::path_in(dir), m))?;
+    Ok(ck.position)
+}
 
-    let mut start = Position { epoch: 0, step: 0, global_step: 0 };
-    if cfg.resume {
-        let dir =
-            cfg.checkpoint.as_ref().ok_or_else(|| Error::Config("--resume needs --checkpoint DIR".into()))?;
-        let ck = Checkpoint::load(dir)?;
-        let diff = ck.settings.differences(&settings);
-        if !diff.is_empty() {
-            return Err(Error::format(
-                checkpoint::path_in(dir),
-                format!("was made with other settings ({}): cannot resume this run", diff.join("; ")),
-            ));
-        }
-        load_weights(&vs, ck.weights).map_err(|m| Error::format(checkpoint::path_in(dir), m))?;
-        opt.load_state(ck.momentum).map_err(|m| Error::format(checkpoint::path_in(dir), m))?;
-        start = ck.position;
+/// Enters the training split into memory before the steps, as torchvision's CIFAR10 reads it
+/// in, so that the first epoch's reads do not page-fault on the cores training runs on. Timed
+/// apart from the steps; returns the seconds it took (0 where it was not done).
+fn populate(train: &Dataset, progress: &mut dyn Progress) -> f64 {
+    let t = Instant::now();
+    if !train.file().populate() {
+        return 0.0;
+    }
+    let seconds = t.elapsed().as_secs_f64();
+    progress.line(&format!(
+        "training data: {:.0} MB entered into memory in {:.0} ms",
+        train.file().all_image_bytes().len() as f64 / 1e6,
+        1e3 * seconds
+    ));
+    seconds
+}
+
+/// Waits for the device's queue (a no-op on the CPU), so that times and checkpoints are real.
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// What a run records as it goes: times, losses, evaluations, the metrics file, the charts'
+/// history; turned into the [`Summary`] at the end.
+struct Record {
+    metrics: Metrics,
+    history: plots::History,
+    /// The finished epochs' (and an early stop's) steps.
+    times: StepTimes,
+    /// The run's first step, which pays for warm-up.
+    first_step: StepTimes,
+    steps: usize,
+    epoch_seconds: Vec<f64>,
+    final_loss: f64,
+    eval: Option<Evaluation>,
+    stopped_early: bool,
+    files: Vec<PathBuf>,
+}
+
+impl Record {
+    fn new(metrics: Option<&std::path::Path>) -> Result<Self> {
+        Ok(Record {
+            metrics: Metrics::create(metrics)?,
+            history: Default::default(),
+            times: Default::default(),
+            first_step: Default::default(),
+            steps: 0,
+            epoch_seconds: Vec::new(),
+            final_loss: f64::NAN,
+            eval: None,
+            stopped_early: false,
+            files: Vec::new(),
+        })
     }
 
-    // Like torchvision's CIFAR10, which reads the split into memory before training, so that
-    // the first epoch's reads do not page-fault on the cores training runs on. Timed apart.
-    let mut populate_seconds = 0.0;
-    if !cfg.resident {
-        let t = Instant::now();
-        if train.file().populate() {
-            populate_seconds = t.elapsed().as_secs_f64();
-            progress.line(&format!(
-                "training data: {:.0} MB entered into memory in {:.0} ms",
-                train.file().all_image_bytes().len() as f64 / 1e6,
-                1e3 * populate_seconds
-            ));
+    /// A step ended; `epoch` holds the epoch's steps so far.
+    fn step(&mut self, epoch: &StepTimes) {
+        if self.steps == 0 {
+            self.first_step = *epoch;
         }
+        self.steps += 1;
     }
 
-    // The training batches come from one of these.
-    let (mut loader, resident) = if cfg.resident {
-        // The order the pipelined loader below would give (its defaults), batched on the device.
-        let sampler = crate::sampler::Sampler::shuffled(train.len(), cfg.batch_size, cfg.seed);
-        (None, Some((Resident::new(train.clone(), augment, cfg.seed, cfg.device)?, sampler)))
-    } else {
-        let mut builder = Loader::builder_arc(train.clone())
-            .batch_size(cfg.batch_size)
-            .seed(cfg.seed)
-            .num_workers(cfg.workers)
-            .device(cfg.device)
-            .augment(augment)
-            .start_at(start.epoch, start.step);
-        if let Some(n) = cfg.prefetch {
-            builder = builder.prefetch(n);
-        }
-        let loader = builder.build()?;
-        (Some(loader), None)
-    };
-    let mut metrics = Metrics::create(cfg.metrics.as_deref())?;
-    let mut times = StepTimes::default();
-    let mut pos = start;
-    let mut final_loss = f64::NAN;
-    let mut eval = None;
-    let mut epoch_secs = Vec::new();
-    let mut steps_here = 0usize;
-    let mut warmup = StepTimes::default();
-    let mut stopped_early = false;
-    let mut history = plots::History::default();
-    let mut files = Vec::new();
-    let sync = || {
-        if let Device::Cuda(i) = cfg.device {
-            tch::Cuda::synchronize(i as i64);
-        }
-    };
+    /// The tutorial's loss line, and its metrics line.
+    fn loss(
+        &mut self,
+        progress: &mut dyn Progress,
+        at: Position,
+        mean: f64,
+        epoch: &StepTimes,
+    ) -> Result<()> {
+        self.final_loss = mean;
+        progress.line(&format!("[{}, {:5}] loss: {:.3}", at.epoch + 1, at.step, mean));
+        let speed = epoch.images as f64 / epoch.total.as_secs_f64();
+        self.history.loss.push((at.global_step, mean));
+        self.history.speed.push((at.global_step, speed, epoch.wait_share()));
+        self.metrics.log(&serde_json::json!({
+            "type": "loss", "epoch": at.epoch, "step": at.step, "global_step": at.global_step,
+            "loss": mean, "images_per_s": speed, "data_wait_share": epoch.wait_share(),
+        }))
+    }
 
-    'epochs: while pos.epoch < cfg.epochs {
-        let epoch = pos.epoch;
-        let first_step = pos.step;
-        let batches = match (&loader, &resident) {
-            (Some(l), _) => l.len(),
-            (_, Some((_, s))) => s.batches_per_epoch(),
-            _ => unreachable!(),
-        };
-        progress.epoch(epoch, batches - first_step);
-        let mut running = Tensor::zeros([], (Kind::Float, cfg.device));
-        let mut running_n = 0usize;
-        let mut epoch_times = StepTimes::default();
-        let plan = resident.as_ref().map(|(r, s)| r.plan(epoch, &s.batches(epoch)));
-        let mut resident_batches = first_step..plan.as_ref().map_or(0, |p| p.len());
-        let mut pipelined = loader.as_mut().map(|l| l.epoch(epoch));
-        let mut last = Instant::now();
-        loop {
-            // Data: the wait for the next batch (and its device copy) is what we measure.
-            let t0 = Instant::now();
-            let (mut copy, mut gpu) = (Duration::ZERO, Duration::ZERO);
-            let (images, labels, n, held) = match (&mut pipelined, &resident) {
-                (Some(it), _) => match it.next() {
-                    None => break,
-                    Some(b) => {
-                        let b = b?;
-                        copy = b.copy_time();
-                        gpu = b.sync_time();
-                        (b.images.shallow_clone(), b.labels.shallow_clone(), b.len(), Some(b))
-                    }
-                },
-                (None, Some((r, _))) => match resident_batches.next() {
-                    None => break,
-                    Some(k) => {
-                        let (x, y) = r.batch(plan.as_ref().unwrap(), k);
-                        let n = y.size()[0] as usize;
-                        (x, y, n, None)
-                    }
-                },
-                _ => unreachable!(),
-            };
-            // Waiting for the device inside the loader is the device computing, not data late.
-            let waited = t0.elapsed().saturating_sub(copy + gpu);
-            if steps_here == 0
-                && let Some(png) = &cfg.preview_batch
-            {
-                save_batch_preview(&images, train.file(), png)?;
-                files.push(png.clone());
-            }
-            // Compute: forward, backward, update.
-            let logits = if cfg.amp {
-                tch::autocast(true, || net.forward_t(&images, true))
+    /// The test accuracy after `epoch`, whose steps `times` holds.
+    fn evaluation(
+        &mut self,
+        progress: &mut dyn Progress,
+        epoch: u64,
+        e: Evaluation,
+        times: &StepTimes,
+    ) -> Result<()> {
+        progress.line(&format!("epoch {}: test accuracy {:.2}%", epoch + 1, 100.0 * e.accuracy));
+        self.history.accuracy.push((epoch, e.accuracy));
+        self.metrics.log(&serde_json::json!({
+            "type": "epoch", "epoch": epoch, "test_accuracy": e.accuracy, "per_class": e.per_class,
+            "epoch_seconds": times.total.as_secs_f64(),
+            "images_per_s": times.images as f64 / times.total.as_secs_f64(),
+            "data_wait_share": times.wait_share(), "confusion": e.confusion,
+        }))?;
+        self.eval = Some(e);
+        Ok(())
+    }
+
+    /// The summary, also written as the metrics file's last line.
+    fn finish(mut self, classes: Vec<String>, position: Position, populate_seconds: f64) -> Result<Summary> {
+        let times = self.times;
+        let after_first =
+            (times.total.saturating_sub(self.first_step.total), times.images - self.first_step.images);
+        let summary = Summary {
+            images_per_s: times.images as f64 / times.total.as_secs_f64().max(1e-9),
+            steady_images_per_s: (self.steps > 1)
+                .then(|| after_first.1 as f64 / after_first.0.as_secs_f64().max(1e-9)),
+            first_step_seconds: self.first_step.total.as_secs_f64(),
+            populate_seconds,
+            data_wait_share: times.wait_share(),
+            epoch_seconds: if self.epoch_seconds.is_empty() {
+                times.total.as_secs_f64()
             } else {
-                net.forward_t(&images, true)
-            };
-            let loss = logits.to_kind(Kind::Float).cross_entropy_for_logits(&labels);
-            opt.zero_grad();
-            loss.backward();
-            opt.step();
-            running += loss.detach();
-            running_n += 1;
-            drop(held);
-            let now = Instant::now();
-            epoch_times.add(waited, copy, (now - t0).saturating_sub(waited + copy), now - last, n);
-            if steps_here == 0 {
-                warmup = epoch_times;
-            }
-            last = now;
-            pos.step += 1;
-            pos.global_step += 1;
-            steps_here += 1;
-            progress.step(epoch_times.images as f64 / epoch_times.total.as_secs_f64());
-            let stop =
-                INTERRUPTED.load(Ordering::SeqCst) || cfg.max_steps.is_some_and(|m| pos.global_step >= m);
-            if pos.step.is_multiple_of(cfg.log_every) || stop {
-                // One sync per log line: the tutorial's `loss.item()` every step would stall
-                // the GPU's queue every step.
-                let mean = running.double_value(&[]) / running_n as f64;
-                final_loss = mean;
-                progress.line(&format!("[{}, {:5}] loss: {:.3}", epoch + 1, pos.step, mean));
-                let speed = epoch_times.images as f64 / epoch_times.total.as_secs_f64();
-                history.loss.push((pos.global_step, mean));
-                history.speed.push((pos.global_step, speed, epoch_times.wait_share()));
-                metrics.log(&serde_json::json!({
-                    "type": "loss", "epoch": epoch, "step": pos.step, "global_step": pos.global_step,
-                    "loss": mean, "images_per_s": epoch_times.images as f64 / epoch_times.total.as_secs_f64(),
-                    "data_wait_share": epoch_times.wait_share(),
-                }))?;
-                running = Tensor::zeros([], (Kind::Float, cfg.device));
-                running_n = 0;
-            }
-            if stop {
-                drop(pipelined.take());
-                sync();
-                times.merge(&epoch_times);
-                stopped_early = true;
-                if let Some(dir) = &cfg.checkpoint {
-                    save(dir, &vs, &opt, &settings, pos)?;
-                }
-                break 'epochs;
-            }
-        }
-        drop(pipelined);
-        sync();
-        if running_n > 0 {
-            final_loss = running.double_value(&[]) / running_n as f64;
-        }
-        epoch_secs.push(epoch_times.total.as_secs_f64());
-        times.merge(&epoch_times);
-        pos = Position { epoch: epoch + 1, step: 0, global_step: pos.global_step };
-        if let Some(test) = &test {
-            let e = evaluate(&*net, test, cfg.batch_size.max(500), cfg.workers, cfg.device)?;
-            progress.line(&format!("epoch {}: test accuracy {:.2}%", epoch + 1, 100.0 * e.accuracy));
-            history.accuracy.push((epoch, e.accuracy));
-            metrics.log(&serde_json::json!({
-                "type": "epoch", "epoch": epoch, "test_accuracy": e.accuracy, "per_class": e.per_class,
-                "epoch_seconds": epoch_times.total.as_secs_f64(),
-                "images_per_s": epoch_times.images as f64 / epoch_times.total.as_secs_f64(),
-                "data_wait_share": epoch_times.wait_share(), "confusion": e.confusion,
-            }))?;
-            eval = Some(e);
-        }
-        if let Some(dir) = &cfg.checkpoint {
-            save(dir, &vs, &opt, &settings, pos)?;
-        }
+                self.epoch_seconds.iter().sum::<f64>() / self.epoch_seconds.len() as f64
+            },
+            times,
+            steps: self.steps,
+            final_loss: self.final_loss,
+            eval: self.eval,
+            classes,
+            stopped_early: self.stopped_early,
+            position,
+            files: self.files,
+        };
+        self.metrics.summary(&summary)?;
+        Ok(summary)
     }
-    if let Some(dir) = &cfg.plot {
-        files.extend(plots::write_all(dir, &history, eval.as_ref(), &classes)?);
-    }
-    let after_first = (times.total.saturating_sub(warmup.total), times.images - warmup.images);
-    let summary = Summary {
-        images_per_s: times.images as f64 / times.total.as_secs_f64().max(1e-9),
-        steady_images_per_s: (steps_here > 1)
-            .then(|| after_first.1 as f64 / after_first.0.as_secs_f64().max(1e-9)),
-        first_step_seconds: warmup.total.as_secs_f64(),
-        populate_seconds,
-        data_wait_share: times.wait_share(),
-        epoch_seconds: if epoch_secs.is_empty() {
-            times.total.as_secs_f64()
-        } else {
-            epoch_secs.iter().sum::<f64>() / epoch_secs.len() as f64
-        },
-        times,
-        steps: steps_here,
-        final_loss,
-        eval,
-        classes,
-        stopped_early,
-        position: pos,
-        files,
-    };
-    metrics.summary(&summary)?;
-    Ok(summary)
 }
 
 /// The batch as the model gets it (augmented, normalized), back to bytes, 8 to a row, x3.

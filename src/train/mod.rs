@@ -214,7 +214,7 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
     if cfg.resume {
         pos = resume(cfg, &vs, &mut opt, &settings)?;
     }
-    let populate_seconds = if cfg.resident { 0.0 } else { populate(&train, progress) };
+    let populate_seconds = populate(&train, progress);
     let augment = if cfg.augment { Augment::standard() } else { Augment::default() };
     let mut batches = Batches::new(cfg, &train, augment, pos)?;
     let mut record = Record::new(cfg.metrics.as_deref())?;

@@ -222,7 +222,7 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
     'epochs: while pos.epoch < cfg.epochs {
         let epoch = pos.epoch;
         progress.epoch(epoch, batches.per_epoch() - pos.step);
-        let mut running = (Tensor::zeros([], (Kind::Float, cfg.device)), 0usize);
+        let mut running = RunningLoss::new(cfg.device);
         let mut times = StepTimes::default();
         let mut fetch = batches.epoch(epoch, pos.step);
         let mut last = Instant::now();
@@ -240,8 +240,7 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
                 record.files.push(png.clone());
             }
             let loss = train_step(&*net, &mut opt, &batch.images, &batch.labels, cfg.amp);
-            running.0 += loss.detach();
-            running.1 += 1;
+            running.add(&loss);
             let (n, copy) = (batch.len, batch.copy);
             drop(batch); // the loader may refill its buffer now
             let now = Instant::now();
@@ -253,12 +252,10 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
             progress.step(times.images as f64 / times.total.as_secs_f64());
             let stop =
                 INTERRUPTED.load(Ordering::SeqCst) || cfg.max_steps.is_some_and(|m| pos.global_step >= m);
-            if pos.step.is_multiple_of(cfg.log_every) || stop {
-                // One sync per log line: the tutorial's `loss.item()` every step would stall
-                // the GPU's queue every step.
-                let mean = running.0.double_value(&[]) / running.1 as f64;
+            if (pos.step.is_multiple_of(cfg.log_every) || stop)
+                && let Some(mean) = running.take_mean()
+            {
                 record.loss(progress, pos, mean, &times)?;
-                running = (Tensor::zeros([], (Kind::Float, cfg.device)), 0);
             }
             if stop {
                 drop(fetch);
@@ -273,8 +270,8 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
         }
         drop(fetch);
         sync(cfg.device);
-        if running.1 > 0 {
-            record.final_loss = running.0.double_value(&[]) / running.1 as f64;
+        if let Some(mean) = running.take_mean() {
+            record.final_loss = mean;
         }
         record.epoch_seconds.push(times.total.as_secs_f64());
         record.times.merge(&times);
@@ -296,13 +293,62 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
 
 /// One training step: forward, loss, backward, update. Returns the loss (not synchronised).
 fn train_step(net: &dyn nn::ModuleT, opt: &mut Sgd, images: &Tensor, labels: &Tensor, amp: bool) -> Tensor {
-    let logits =
-        if amp { tch::autocast(true, || net.forward_t(images, true)) } else { net.forward_t(images, true) };
-    let loss = logits.to_kind(Kind::Float).cross_entropy_for_logits(labels);
+    // Under autocast the logits may be bf16/fp16: the loss is taken in f32.
+    let logits = if amp {
+        tch::autocast(true, || net.forward_t(images, true)).to_kind(Kind::Float)
+    } else {
+        net.forward_t(images, true)
+    };
+    let loss = logits.cross_entropy_for_logits(labels);
     opt.zero_grad();
     loss.backward();
     opt.step();
     loss
+}
+
+/// The mean training loss since the last log line.
+///
+/// On a GPU the losses are summed on the device and read once per log line: the tutorial's
+/// `loss.item()` every step would stall the GPU's queue every step. On the CPU reading the
+/// value costs less than adding tensors, so it is summed on the host.
+enum RunningLoss {
+    Device(Tensor, usize),
+    Host(f64, usize),
+}
+
+impl RunningLoss {
+    fn new(device: Device) -> Self {
+        match device {
+            Device::Cpu => RunningLoss::Host(0.0, 0),
+            _ => RunningLoss::Device(Tensor::zeros([], (Kind::Float, device)), 0),
+        }
+    }
+
+    fn add(&mut self, loss: &Tensor) {
+        match self {
+            RunningLoss::Device(sum, n) => {
+                *sum += loss.detach();
+                *n += 1;
+            }
+            RunningLoss::Host(sum, n) => {
+                *sum += loss.double_value(&[]);
+                *n += 1;
+            }
+        }
+    }
+
+    /// The mean of the losses added since the last call (`None` if there were none).
+    fn take_mean(&mut self) -> Option<f64> {
+        let (sum, n) = match self {
+            RunningLoss::Device(sum, n) => {
+                let total = sum.double_value(&[]);
+                let _ = sum.zero_();
+                (total, std::mem::take(n))
+            }
+            RunningLoss::Host(sum, n) => (std::mem::take(sum), std::mem::take(n)),
+        };
+        (n > 0).then(|| sum / n as f64)
+    }
 }
 
 /// The settings `run` refuses before touching any data.

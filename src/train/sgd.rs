@@ -151,7 +151,10 @@ mod tests {
             if step == 2 {
                 opt.lr = 0.05; // a schedule changing the rate between steps
             }
-            let x = Tensor::randn([8, 5], (Kind::Float, tch::Device::Cpu));
+            // Fixed inputs: the other unit tests share libtorch's global generator.
+            let x = (Tensor::arange(40, (Kind::Float, tch::Device::Cpu)) * (0.37 + step as f64))
+                .sin()
+                .view([8, 5]);
             opt.zero_grad();
             nn::Module::forward(&net, &x).square().sum(Kind::Float).backward();
             let vars = vs.variables();
@@ -168,8 +171,11 @@ mod tests {
         }
         let vars = vs.variables();
         for (name, p) in &expected {
+            // Within rounding: the fused kernels may round a multiply-add once where two ops
+            // round twice.
             let diff = (&vars[name] - p).abs().max().double_value(&[]);
-            assert!(diff < 1e-6, "{name} differs by {diff}");
+            let scale = p.abs().max().double_value(&[]);
+            assert!(diff <= 1e-6 * (1.0 + scale), "{name} differs by {diff} (values up to {scale})");
         }
     }
 }

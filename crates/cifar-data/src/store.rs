@@ -218,7 +218,8 @@ impl TensorFile {
     /// touch, so a shuffled first epoch takes a page fault every few samples, on the loader's
     /// workers, which share the cores with training. Measured on 2 cores at batch 256, a
     /// first epoch ran at about 90% of the in-memory step early on and a second one (all
-    /// pages entered) at 100%. Populating the 614 MB training split takes 60–90 ms there.
+    /// pages entered) at 100%. Populating the 614 MB training split takes 50–150 ms there
+    /// when the page cache holds it.
     /// Not done by [`TensorFile::open`]: it would delay the loader's first batch by as much.
     pub fn populate(&self) -> bool {
         #[cfg(target_os = "linux")]

@@ -7,17 +7,11 @@ use cifar_fast::prep::StoreDtype;
 use cifar_fast::{Augment, Dataset, Loader};
 use common::*;
 
-fn rss_anon_kb() -> i64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("RssAnon:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 #[test]
 fn resident_memory_is_flat_after_the_first_epoch() {
     let data = Dataset::open(tensor_file(&scratch("memory"), 400, StoreDtype::F32)).unwrap();
     let (batch, prefetch) = (64usize, 4usize);
-    let before = rss_anon_kb();
+    let before = proc_status_kb("RssAnon");
     let mut loader = Loader::builder(data)
         .batch_size(batch)
         .num_workers(2)
@@ -34,7 +28,7 @@ fn resident_memory_is_flat_after_the_first_epoch() {
             sum += b.unwrap().images.double_value(&[0, 0, 0, 0]);
         }
         assert!(sum.is_finite());
-        after.push(rss_anon_kb());
+        after.push(proc_status_kb("RssAnon"));
     }
     let growth = after.iter().max().unwrap() - after[0];
     eprintln!("RssAnon before {before} kB, after each epoch {after:?}");

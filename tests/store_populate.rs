@@ -7,24 +7,18 @@ use cifar_fast::TensorFile;
 use cifar_fast::prep::StoreDtype;
 use common::*;
 
-fn rss_file_kb() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("RssFile:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 #[test]
 fn populate_maps_the_whole_file_without_reading_it() {
     // 5 × 400 samples of f32: 24.6 MB, far more than anything else this process maps meanwhile.
     let path = tensor_file(&scratch("populate"), 400, StoreDtype::F32);
-    let size_kb = std::fs::metadata(&path).unwrap().len() / 1024;
-    let start = rss_file_kb();
+    let size_kb = (std::fs::metadata(&path).unwrap().len() / 1024) as i64;
+    let start = proc_status_kb("RssFile");
     let file = TensorFile::open(&path).unwrap();
-    let before = rss_file_kb();
+    let before = proc_status_kb("RssFile");
     assert!(before - start < size_kb / 2, "open alone mapped {} kB of {size_kb} kB", before - start);
     // Linux ≥ 5.14 (MADV_POPULATE_READ) with the file far under half the available memory.
     assert!(file.populate(), "populate declined a {size_kb} kB file");
-    let grown = rss_file_kb() - before;
+    let grown = proc_status_kb("RssFile") - before;
     assert!(grown >= size_kb * 9 / 10, "{grown} kB of the {size_kb} kB file mapped");
     assert_eq!(file.len(), 2000);
 }

@@ -6,6 +6,13 @@ pub use data::*;
 
 use std::path::Path;
 
+/// A `kB` line of this process's `/proc/self/status` (`RssAnon`, `RssFile`, ...).
+pub fn proc_status_kb(field: &str) -> i64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.split(':').next() == Some(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 /// Every batch of one epoch as (indices, image values, labels).
 pub fn collect(epoch: cifar_fast::Epoch<'_>) -> Vec<(Vec<usize>, Vec<f32>, Vec<i64>)> {
     epoch

@@ -214,7 +214,9 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
     if cfg.resume {
         pos = resume(cfg, &vs, &mut opt, &settings)?;
     }
-    let populate_seconds = populate(&train, progress);
+    // Only where the steps read from the mapping: a CUDA-resident split is read once, in order.
+    let reads_mapping = !cfg.resident || cfg.device == Device::Cpu;
+    let populate_seconds = if reads_mapping { populate(&train, progress) } else { 0.0 };
     let augment = if cfg.augment { Augment::standard() } else { Augment::default() };
     let mut batches = Batches::new(cfg, &train, augment, pos)?;
     let mut record = Record::new(cfg.metrics.as_deref())?;

@@ -266,24 +266,6 @@ fn an_unwritable_output_directory_is_one_clear_error() {
 }
 
 /// Serves `body` once over HTTP on 127.0.0.1; returns the URL.
-fn serve_once(body: Vec<u8>) -> String {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/cifar.tar.gz", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        let (stream, _) = listener.accept().unwrap();
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut line = String::new();
-        while reader.read_line(&mut line).unwrap() > 2 {
-            line.clear();
-        }
-        let mut s = stream;
-        write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
-        s.write_all(&body).unwrap();
-    });
-    url
-}
-
 #[test]
 fn download_checks_md5_and_then_converts() {
     use md5::Digest;

@@ -3,7 +3,6 @@
 //! It uses the `cifar-data` crate alone, so it links no libtorch and starts in milliseconds.
 mod common;
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -11,12 +10,14 @@ use cifar_data::prep::{self, Norm, PrepOptions, StoreDtype, download};
 use clap::{Parser, ValueEnum};
 use common::say;
 
-/// Unpack CIFAR-10/100 into one normalized, memory-mappable tensor file per split.
+/// Unpack CIFAR-10/100, or any image-classification folder, into one normalized,
+/// memory-mappable tensor file per split.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(name = "cifar-prep", version, about, long_about = None)]
 struct Args {
-    /// A CIFAR tarball (binary or python) or an extracted `cifar-10-batches-*` directory.
-    /// By default, the first one found in the output directory.
+    /// A CIFAR tarball (binary or python) or an extracted `cifar-10-batches-*` directory; or an
+    /// image folder `ROOT/<split>/<class>/<image>`, as a directory or a `.tar`/`.tar.gz`.
+    /// By default, the first CIFAR tarball found in the output directory.
     input: Option<PathBuf>,
     /// The data directory, where the tensor files are written (torchvision's `root`).
     #[arg(long, default_value = "data")]
@@ -28,12 +29,19 @@ struct Args {
     /// per-channel mean and std.
     #[arg(long, value_enum, default_value_t = NormArg::Half)]
     norm: NormArg,
-    /// Per-channel mean, e.g. 0.4914,0.4822,0.4465 (with --std; overrides --norm).
-    #[arg(long, value_delimiter = ',', num_args = 3, requires = "std")]
-    mean: Option<Vec<f32>>,
-    /// Per-channel std, e.g. 0.2470,0.2435,0.2616.
-    #[arg(long, value_delimiter = ',', num_args = 3, requires = "mean")]
-    std: Option<Vec<f32>>,
+    /// Per-channel mean R,G,B, e.g. 0.4914,0.4822,0.4465 (with --std; overrides --norm).
+    #[arg(long, value_name = "R,G,B", value_parser = parse_mean, requires = "std", allow_hyphen_values = true)]
+    mean: Option<[f32; 3]>,
+    /// Per-channel std R,G,B, e.g. 0.2470,0.2435,0.2616.
+    #[arg(long, value_name = "R,G,B", value_parser = parse_std, requires = "mean")]
+    std: Option<[f32; 3]>,
+    /// Image folders: resize every image to H,W (by default every image must have the size of
+    /// the first).
+    #[arg(long, value_name = "H,W", value_parser = parse_size)]
+    size: Option<(u32, u32)>,
+    /// Image folders: name the files NAME-<split>.safetensors (default: the folder's name).
+    #[arg(long)]
+    name: Option<String>,
     /// Convert even when the output is up to date.
     #[arg(long)]
     force: bool,
@@ -85,6 +93,60 @@ const CANDIDATES: [&str; 8] = [
     "cifar-100-python",
 ];
 
+/// Three comma-separated finite numbers, `R,G,B`.
+fn parse_triple(s: &str) -> Result<[f32; 3], String> {
+    let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+    let [r, g, b] = parts[..] else {
+        return Err(format!("expected three comma-separated values R,G,B, got {s:?}"));
+    };
+    let mut out = [0f32; 3];
+    for (o, p) in out.iter_mut().zip([r, g, b]) {
+        *o = p.parse().map_err(|_| format!("{p:?} is not a number"))?;
+        if !o.is_finite() {
+            return Err(format!("{p:?} is not a finite number"));
+        }
+    }
+    Ok(out)
+}
+
+fn parse_mean(s: &str) -> Result<[f32; 3], String> {
+    parse_triple(s)
+}
+
+fn parse_std(s: &str) -> Result<[f32; 3], String> {
+    let v = parse_triple(s)?;
+    if v.iter().any(|&x| x <= 0.0) {
+        return Err(format!("every std must be positive, got {s}"));
+    }
+    Ok(v)
+}
+
+/// `H,W`, both at least 1.
+fn parse_size(s: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("expected H,W (two positive integers), got {s:?}");
+    let (h, w) = s.split_once(',').ok_or_else(bad)?;
+    let (h, w): (u32, u32) = (h.trim().parse().map_err(|_| bad())?, w.trim().parse().map_err(|_| bad())?);
+    if h == 0 || w == 0 || h > 4096 || w > 4096 {
+        return Err(format!("--size {s}: each side must be 1 to 4096"));
+    }
+    Ok((h, w))
+}
+
+/// Prepared splits already in `dir`: `<name>-<split>.safetensors` files, sorted.
+fn prepared_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            name.ends_with(".safetensors") && !name.starts_with('.')
+        })
+        .collect();
+    files.sort();
+    files
+}
+
 fn find_input(dir: &Path) -> anyhow::Result<PathBuf> {
     for name in CANDIDATES {
         let p = dir.join(name);
@@ -100,35 +162,39 @@ fn find_input(dir: &Path) -> anyhow::Result<PathBuf> {
     )
 }
 
-fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(len);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .unwrap()
-        .progress_chars("=> "),
-    );
-    pb.set_message(what.to_string());
-    pb
-}
-
 fn mb(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
 fn main() {
-    if let Err(e) = run(Args::parse()) {
+    if let Err(e) = run(common::parse_args::<Args>()) {
         eprintln!("cifar-prep: error: {e:#}");
         std::process::exit(1);
     }
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let input = if args.download {
+    let input = if !args.download && args.input.is_none() && find_input(&args.out).is_err() {
+        // Nothing to convert: with prepared files here, --preview draws from them.
+        let files = prepared_files(&args.out);
+        let train = files.iter().find(|p| p.to_string_lossy().ends_with("-train.safetensors"));
+        match (train, &args.preview) {
+            (Some(train), Some(png)) => {
+                say!(
+                    "{}: no input to convert; previewing the prepared {}",
+                    args.out.display(),
+                    train.display()
+                );
+                return preview(train, png);
+            }
+            _ => None,
+        }
+    } else {
+        None
+    };
+    let input = if let Some(input) = input {
+        input
+    } else if args.download {
         let official = match args.dataset {
             Which::Cifar10Python => &download::OFFICIAL[0],
             Which::Cifar10Binary => &download::OFFICIAL[1],
@@ -138,7 +204,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let md5 = args.md5.as_deref().unwrap_or(official.md5);
         std::fs::create_dir_all(&args.out).with_context(|| format!("{}", args.out.display()))?;
         let dest = args.out.join(official.file);
-        let pb = progress_bar(0, "download");
+        let pb = common::progress_bar(0, "download");
         let got = download::download(url, md5, &dest, &pb)?;
         pb.finish_and_clear();
         say!("downloaded {} (md5 {md5} verified)", got.display());
@@ -149,13 +215,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             None => find_input(&args.out)?,
         }
     };
-    let norm = match (&args.mean, &args.std, args.norm) {
-        (Some(m), Some(s), _) => {
-            if s.iter().any(|&x| x <= 0.0) {
-                bail!("--std must be positive, got {s:?}");
-            }
-            Norm::Custom { mean: [m[0], m[1], m[2]], std: [s[0], s[1], s[2]] }
-        }
+    let norm = match (args.mean, args.std, args.norm) {
+        (Some(mean), Some(std), _) => Norm::Custom { mean, std },
         (_, _, NormArg::Half) => Norm::Half,
         (_, _, NormArg::Dataset) => Norm::Dataset,
     };
@@ -166,8 +227,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         },
         norm,
         force: args.force,
+        size: args.size,
+        name: args.name.clone(),
     };
-    let pb = progress_bar(0, "convert");
+    let pb = common::progress_bar(0, "convert");
     let summary = prep::prepare(&input, &args.out, &opts, &pb)?;
     pb.finish_and_clear();
     if summary.skipped {
@@ -194,7 +257,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     for s in &summary.splits {
-        say!("{:>5}: {} images -> {} ({})", s.split.name(), s.images, s.path.display(), mb(s.bytes));
+        say!("{:>5}: {} images -> {} ({})", s.split, s.images, s.path.display(), mb(s.bytes));
         let counts: Vec<String> =
             summary.classes.iter().zip(&s.per_class).map(|(c, n)| format!("{c} {n}")).collect();
         say!("       per class: {}", counts.join(", "));
@@ -204,9 +267,16 @@ fn run(args: Args) -> anyhow::Result<()> {
         say!("wrote {} in {:.2} s", mb(total), summary.seconds);
     }
     if let Some(png) = &args.preview {
-        let file = cifar_data::TensorFile::open(&summary.splits[0].path)?;
-        cifar_data::preview::save_png(&cifar_data::preview::class_grid(&file, 10, 3), png)?;
-        say!("preview: {}", png.display());
+        let train = summary.splits.iter().find(|s| s.split == "train").unwrap_or(&summary.splits[0]);
+        preview(&train.path, png)?;
     }
+    Ok(())
+}
+
+/// `--preview`: a row per class of the split in `path`, its first 10 images, ×3.
+fn preview(path: &Path, png: &Path) -> anyhow::Result<()> {
+    let file = cifar_data::TensorFile::open(path)?;
+    cifar_data::preview::save_png(&cifar_data::preview::class_grid(&file, 10, 3), png)?;
+    say!("preview: {}", png.display());
     Ok(())
 }

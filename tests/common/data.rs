@@ -205,3 +205,49 @@ pub fn run_with_stdout_closed(exe: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -
     drop(reader);
     Command::new(exe).args(args.iter().map(|a| a.as_ref())).stdout(writer).output().unwrap()
 }
+
+/// Serves `body` once over HTTP on 127.0.0.1; returns its URL.
+pub fn serve_once(body: Vec<u8>) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/cifar.tar.gz", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap() > 2 {
+            line.clear();
+        }
+        let mut s = stream;
+        write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
+        s.write_all(&body).unwrap();
+    });
+    url
+}
+
+/// A URL on 127.0.0.1 where nothing listens: a download from it fails at once, as with no
+/// network.
+pub fn dead_url() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/cifar-10-python.tar.gz", listener.local_addr().unwrap());
+    drop(listener);
+    url
+}
+
+/// Writes an image file (its format from the extension) of `w`×`h` whose pixels encode `seed`.
+pub fn write_image(path: &Path, w: u32, h: u32, seed: u32) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([(x * 7 + seed * 31) as u8, (y * 11 + seed * 17) as u8, ((x + y) * 5 + seed * 3) as u8])
+    });
+    img.save(path).unwrap();
+}
+
+/// Packs directory `dir` as a `.tar.gz` at `out`, its members named `prefix/<path below dir>`.
+pub fn tar_gz_dir(dir: &Path, prefix: &str, out: &Path) {
+    let file = std::fs::File::create(out).unwrap();
+    let gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    tar.append_dir_all(prefix, dir).unwrap();
+    tar.into_inner().unwrap().finish().unwrap();
+}

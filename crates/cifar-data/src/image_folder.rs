@@ -3,8 +3,6 @@
 //! loader's workers with the `image` crate.
 use std::path::{Path, PathBuf};
 
-use image::imageops::FilterType;
-
 use crate::error::{Error, IoContext, Result};
 use crate::prep::Normalize;
 use crate::source::Source;
@@ -39,8 +37,6 @@ impl std::fmt::Debug for NormalizeBox {
     }
 }
 
-const EXTENSIONS: [&str; 7] = ["png", "jpg", "jpeg", "bmp", "gif", "webp", "tif"];
-
 impl ImageFolder {
     /// Lists `root`'s class folders and their images (sorted, so the index order is stable).
     /// By default images must be 32×32 (`SizePolicy::Reject`) and are normalized with the
@@ -62,9 +58,7 @@ impl ImageFolder {
                 .at(&dir)?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| {
-                    p.extension()
-                        .and_then(|x| x.to_str())
-                        .is_some_and(|x| EXTENSIONS.contains(&x.to_ascii_lowercase().as_str()))
+                    p.file_name().is_some_and(|n| crate::prep::folder::is_image_name(&n.to_string_lossy()))
                 })
                 .collect();
             files.sort();
@@ -122,35 +116,15 @@ impl Source for ImageFolder {
 
     fn read_into(&self, index: usize, out: &mut [f32]) -> Result<i64> {
         let (path, label) = &self.samples[index];
-        let img = image::open(path).map_err(|e| Error::format(path, format!("cannot decode: {e}")))?;
-        let mut rgb = img.to_rgb8();
+        let bytes = std::fs::read(path).at(path)?;
         let (w, h) = self.side;
-        if rgb.dimensions() != (w, h) {
-            match self.policy {
-                SizePolicy::Reject => {
-                    let (iw, ih) = rgb.dimensions();
-                    return Err(Error::format(path, format!("is {iw}x{ih}, expected {w}x{h}")));
-                }
-                SizePolicy::Resize => rgb = image::imageops::resize(&rgb, w, h, FilterType::Triangle),
-            }
+        let resize = (self.policy == SizePolicy::Resize).then_some((h, w));
+        // The same decoder as `cifar-prep`'s image folders: the same pixels as torchvision's.
+        let (ih, iw, chw) = crate::prep::folder::decode(&bytes, resize, path)?;
+        if (iw, ih) != (w, h) {
+            return Err(Error::format(path, format!("is {iw}x{ih}, expected {w}x{h}")));
         }
-        let plane = (w * h) as usize;
-        if w == 32 && h == 32 {
-            // HWC to planar CHW, then the same lookup tables as the tensor files use.
-            let mut chw = [0u8; 3 * 32 * 32];
-            for (i, px) in rgb.pixels().enumerate() {
-                for c in 0..3 {
-                    chw[c * plane + i] = px.0[c];
-                }
-            }
-            self.norm.0.image(&chw, out);
-        } else {
-            for (i, px) in rgb.pixels().enumerate() {
-                for c in 0..3 {
-                    out[c * plane + i] = (px.0[c] as f32 / 255.0 - self.mean[c]) / self.std[c];
-                }
-            }
-        }
+        self.norm.0.image(&chw, out);
         Ok(*label)
     }
 

@@ -3,7 +3,6 @@
 use std::path::Path;
 
 use crate::error::Result;
-use crate::prep::layout::BYTES_PER_IMAGE;
 use crate::prep::{Normalize, StoreDtype};
 use crate::store::TensorFile;
 
@@ -67,7 +66,7 @@ impl Source for Dataset {
     }
 
     fn sample_shape(&self) -> [usize; 3] {
-        [3, 32, 32]
+        self.file.image_shape()
     }
 
     #[inline]
@@ -76,10 +75,7 @@ impl Source for Dataset {
         match self.file.dtype() {
             // Rows are 4-byte aligned (checked at open), so this is a plain memcpy from the map.
             StoreDtype::F32 => out.copy_from_slice(bytemuck::cast_slice(bytes)),
-            StoreDtype::U8 => {
-                debug_assert_eq!(bytes.len(), BYTES_PER_IMAGE);
-                self.norm.image(bytes, out)
-            }
+            StoreDtype::U8 => self.norm.image(bytes, out),
         }
         Ok(self.file.labels()[index])
     }

@@ -12,7 +12,7 @@ use safetensors::tensor::Metadata;
 
 use crate::error::{Error, IoContext, Result};
 use crate::prep::StoreDtype;
-use crate::prep::layout::{BYTES_PER_IMAGE, CHANNELS, SIDE};
+use crate::prep::layout::CHANNELS;
 
 /// The largest header read (safetensors' own limit).
 const MAX_HEADER: u64 = 100_000_000;
@@ -24,6 +24,8 @@ pub struct TensorFile {
     len: usize,
     dtype: StoreDtype,
     images: Range<usize>,
+    /// `[C, H, W]` of one image.
+    shape: [usize; 3],
     labels: Range<usize>,
     coarse: Option<Range<usize>>,
     metadata: HashMap<String, String>,
@@ -75,10 +77,10 @@ impl TensorFile {
             Dtype::U8 => StoreDtype::U8,
             d => return Err(bad(format!("'images' has dtype {d:?}, expected F32 or U8"))),
         };
-        let len = images.shape.first().copied().unwrap_or(0);
-        if images.shape != [len, CHANNELS, SIDE, SIDE] {
-            return Err(bad(format!("'images' has shape {:?}, expected [N, 3, 32, 32]", images.shape)));
-        }
+        let (len, shape) = match images.shape[..] {
+            [n, c, h, w] if c == CHANNELS && h > 0 && w > 0 => (n, [c, h, w]),
+            _ => return Err(bad(format!("'images' has shape {:?}, expected [N, 3, H, W]", images.shape))),
+        };
         let extent = |name: &str| -> Result<Option<Range<usize>>> {
             let Some(info) = header.info(name) else { return Ok(None) };
             if info.dtype != Dtype::I64 || info.shape != [len] {
@@ -128,6 +130,7 @@ impl TensorFile {
             len,
             dtype,
             images,
+            shape,
             labels,
             coarse,
             metadata,
@@ -192,12 +195,17 @@ impl TensorFile {
         self.coarse.clone().map(|r| bytemuck::cast_slice(&self.map[r]))
     }
 
-    /// The stored bytes of image `i` (`3*32*32` values of [`TensorFile::dtype`]).
+    /// The shape of one image, `[3, H, W]` (`[3, 32, 32]` for CIFAR).
+    pub fn image_shape(&self) -> [usize; 3] {
+        self.shape
+    }
+
+    /// The stored bytes of image `i` (`3*H*W` values of [`TensorFile::dtype`]).
     /// Panics if `i >= len()`, like slice indexing.
     #[inline]
     pub fn image_bytes(&self, i: usize) -> &[u8] {
         assert!(i < self.len, "sample {i} out of range for {} samples", self.len);
-        let size = BYTES_PER_IMAGE * self.dtype.size();
+        let size = self.shape.iter().product::<usize>() * self.dtype.size();
         let start = self.images.start + i * size;
         &self.map[start..start + size]
     }

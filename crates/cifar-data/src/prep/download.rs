@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use md5::{Digest, Md5};
 
@@ -51,15 +52,27 @@ pub fn official_by_md5(md5: &str) -> Option<&'static Official> {
     OFFICIAL.iter().find(|o| o.md5 == md5)
 }
 
-/// Downloads `url` to `dest`, checking `md5`. Returns `dest`. An existing `dest` with the right
-/// md5 is kept as it is.
+/// How long a connection may take to open, and to go without a byte, before the download is
+/// given up.
+pub const STALL: Duration = Duration::from_secs(30);
+
+/// Downloads `url` to `dest`, checking `md5` (in either case). Returns `dest`. An existing
+/// `dest` with the right md5 is kept as it is.
 pub fn download(url: &str, md5: &str, dest: &Path, progress: &indicatif::ProgressBar) -> Result<PathBuf> {
+    let md5 = md5.to_ascii_lowercase();
     if dest.exists() && file_md5(dest)? == md5 {
         return Ok(dest.to_path_buf());
     }
     let fail = |msg: String| Error::Download { url: url.to_string(), msg };
     let part = dest.with_extension("gz.part");
-    let response = ureq::get(url).call().map_err(|e| fail(e.to_string()))?;
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_resolve(Some(STALL))
+        .timeout_connect(Some(STALL))
+        .timeout_recv_response(Some(STALL))
+        .timeout_per_read(Some(STALL))
+        .build()
+        .into();
+    let response = agent.get(url).call().map_err(|e| fail(e.to_string()))?;
     if let Some(len) = response.headers().get("content-length").and_then(|v| v.to_str().ok()?.parse().ok()) {
         progress.set_length(len);
     }

@@ -1,9 +1,12 @@
-//! `cifar-prep`'s work: CIFAR tarballs (or their extracted directories) into one safetensors
-//! file per split, `images [N,3,32,32]` + `labels [N]`, in torchvision's order.
+//! `cifar-prep`'s work: CIFAR tarballs (or their extracted directories), or image folders
+//! ([`folder`]), into one safetensors file per split, `images [N,3,H,W]` + `labels [N]`, in
+//! torchvision's order.
 //!
-//! Two threads overlap the work: this one decompresses and untars (the input's bound), the
-//! writer parses, normalizes and writes (the disk's bound), with a bounded channel between.
+//! For CIFAR, two threads overlap the work: this one decompresses and untars (the input's
+//! bound), the writer parses, normalizes and writes (the disk's bound), with a bounded channel
+//! between.
 pub mod download;
+pub mod folder;
 pub mod layout;
 pub mod pickle;
 pub mod tarball;
@@ -48,19 +51,25 @@ pub struct PrepOptions {
     pub norm: Norm,
     /// Convert even when up-to-date output exists.
     pub force: bool,
+    /// Image folders only: resize every image to `(height, width)`. By default, every image
+    /// must have the size of the first.
+    pub size: Option<(u32, u32)>,
+    /// Image folders only: the files' name, `<name>-<split>.safetensors`. By default, the
+    /// archive's or directory's name.
+    pub name: Option<String>,
 }
 
 impl Default for PrepOptions {
     fn default() -> Self {
-        PrepOptions { dtype: StoreDtype::F32, norm: Norm::Half, force: false }
+        PrepOptions { dtype: StoreDtype::F32, norm: Norm::Half, force: false, size: None, name: None }
     }
 }
 
 /// One split's output.
 #[derive(Debug, Clone)]
 pub struct SplitSummary {
-    /// Train or test.
-    pub split: Split,
+    /// `train`, `test`, or an image folder's split folder name.
+    pub split: String,
     /// The file written.
     pub path: PathBuf,
     /// Images in it.
@@ -74,8 +83,8 @@ pub struct SplitSummary {
 /// What `prepare` did.
 #[derive(Debug, Clone)]
 pub struct PrepSummary {
-    /// CIFAR-10 or CIFAR-100.
-    pub kind: Kind,
+    /// The files' name: `cifar10`, `cifar100`, or an image folder's name.
+    pub dataset: String,
     /// The input's name and digests (digests empty when skipped).
     pub source: SourceInfo,
     /// Class names, in label order.
@@ -95,7 +104,7 @@ pub fn output_path(dir: &Path, kind: Kind, split: Split) -> PathBuf {
 
 /// Size and modification time of the input (of each batch file, for a directory): cheap to
 /// compare, so a re-run on the same input skips the conversion.
-fn fingerprint(input: &Path) -> Result<String> {
+pub(crate) fn fingerprint(input: &Path) -> Result<String> {
     let stamp = |p: &Path| -> Result<String> {
         let m = std::fs::metadata(p).at(p)?;
         let mtime = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
@@ -135,22 +144,49 @@ fn up_to_date(input: &Path, print: &str, out_dir: &Path, opts: &PrepOptions) -> 
                 per_class[l as usize] += 1;
             }
             let bytes = std::fs::metadata(&path).at(&path)?.len();
-            splits.push(SplitSummary { split, path, images: file.len(), per_class, bytes });
+            splits.push(SplitSummary {
+                split: split.name().into(),
+                path,
+                images: file.len(),
+                per_class,
+                bytes,
+            });
         }
         if splits.len() == 2 {
             let source = SourceInfo {
                 name: input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
                 ..Default::default()
             };
-            return Ok(Some(PrepSummary { kind, source, classes, splits, seconds: 0.0, skipped: true }));
+            let dataset = kind.name().into();
+            return Ok(Some(PrepSummary { dataset, source, classes, splits, seconds: 0.0, skipped: true }));
         }
     }
     Ok(None)
 }
 
-/// Converts `input` (a CIFAR-10/100 tarball, binary or python, or an extracted directory) into
-/// `out_dir`. On error nothing is left in `out_dir` and earlier output there is untouched.
+/// Converts `input` into `out_dir`: a CIFAR-10/100 tarball (binary or python) or its extracted
+/// directory, or an image folder (`ROOT/<split>/<class>/<image>`, a directory or a tar of one;
+/// see [`folder`]), told apart by content. On error nothing is left in `out_dir` and earlier
+/// output there is untouched.
 pub fn prepare(
+    input: &Path,
+    out_dir: &Path,
+    opts: &PrepOptions,
+    progress: &indicatif::ProgressBar,
+) -> Result<PrepSummary> {
+    if folder::is_image_folder(input)? {
+        return folder::prepare(input, out_dir, opts, progress);
+    }
+    if opts.size.is_some() || opts.name.is_some() {
+        return Err(Error::format(
+            input,
+            "is a CIFAR tarball or directory: --size and --name apply to image folders only",
+        ));
+    }
+    prepare_cifar(input, out_dir, opts, progress)
+}
+
+fn prepare_cifar(
     input: &Path,
     out_dir: &Path,
     opts: &PrepOptions,
@@ -278,14 +314,25 @@ pub fn prepare(
         let path = output_path(out_dir, kind, split);
         let images = w.images();
         let file = w.finish(meta)?;
-        sealed.push((SplitSummary { split, path, images, per_class, bytes: file.size }, file));
+        sealed.push((
+            SplitSummary { split: split.name().into(), path, images, per_class, bytes: file.size },
+            file,
+        ));
     }
     let mut splits = Vec::new();
     for (summary, file) in sealed {
         file.persist(&summary.path)?;
         splits.push(summary);
     }
-    Ok(PrepSummary { kind, source, classes, splits, seconds: start.elapsed().as_secs_f64(), skipped: false })
+    let dataset = kind.name().into();
+    Ok(PrepSummary {
+        dataset,
+        source,
+        classes,
+        splits,
+        seconds: start.elapsed().as_secs_f64(),
+        skipped: false,
+    })
 }
 
 /// What the writer thread reports back.
@@ -355,11 +402,12 @@ fn write_splits(
 }
 
 /// Per-channel mean and (population) std of pixel / 255, as `data.mean((0, 2, 3)) / 255`.
-fn channel_stats<'a>(batches: impl Iterator<Item = &'a Records>) -> ([f32; 3], [f32; 3]) {
-    let plane = layout::SIDE * layout::SIDE;
+pub(crate) fn channel_stats<'a>(batches: impl Iterator<Item = &'a Records>) -> ([f32; 3], [f32; 3]) {
     let mut hist = [[0u64; 256]; 3];
-    for r in batches {
-        for img in r.pixels.chunks_exact(layout::BYTES_PER_IMAGE) {
+    for r in batches.filter(|r| !r.is_empty()) {
+        let per_image = r.pixels.len() / r.len();
+        let plane = per_image / layout::CHANNELS;
+        for img in r.pixels.chunks_exact(per_image) {
             for c in 0..3 {
                 for &p in &img[c * plane..(c + 1) * plane] {
                     hist[c][p as usize] += 1;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use safetensors::Dtype;
 use safetensors::tensor::{Metadata, TensorInfo};
 
-use super::layout::{BYTES_PER_IMAGE, CHANNELS, Records, SIDE};
+use super::layout::{CHANNELS, Records, SIDE};
 use crate::error::{Error, IoContext, Result};
 
 /// Where the tensor data starts: the 8-byte header length plus a header of at most 16 KiB - 8,
@@ -62,12 +62,13 @@ impl Normalize {
         Normalize { lut }
     }
 
-    /// Normalizes one planar `[3, 32, 32]` image into `out`.
+    /// Normalizes one planar `[3, H, W]` image into `out` (as long as `pixels`).
     #[inline]
     pub fn image(&self, pixels: &[u8], out: &mut [f32]) {
-        debug_assert_eq!(pixels.len(), BYTES_PER_IMAGE);
+        debug_assert_eq!(pixels.len(), out.len());
+        let side = pixels.len() / CHANNELS;
         for c in 0..CHANNELS {
-            let plane = c * SIDE * SIDE..(c + 1) * SIDE * SIDE;
+            let plane = c * side..(c + 1) * side;
             for (o, &p) in out[plane.clone()].iter_mut().zip(&pixels[plane]) {
                 *o = self.lut[c][p as usize];
             }
@@ -80,14 +81,22 @@ pub struct TensorFileWriter {
     tmp: PathBuf,
     file: Option<File>,
     dtype: StoreDtype,
+    /// `(height, width)` of every image.
+    side: (usize, usize),
     images: usize,
     labels: Vec<i64>,
     coarse: Vec<i64>,
 }
 
 impl TensorFileWriter {
-    /// Opens a temporary file beside `final_dir/<tag>` (so the rename is atomic).
+    /// Opens a temporary file beside `final_dir/<tag>` (so the rename is atomic), for CIFAR's
+    /// 32×32 images.
     pub fn create(dir: &Path, tag: &str, dtype: StoreDtype) -> Result<Self> {
+        Self::with_side(dir, tag, dtype, (SIDE, SIDE))
+    }
+
+    /// As [`TensorFileWriter::create`], for images of `(height, width)`.
+    pub fn with_side(dir: &Path, tag: &str, dtype: StoreDtype, side: (usize, usize)) -> Result<Self> {
         let tmp = dir.join(format!(".{tag}.{}.tmp", std::process::id()));
         let mut file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).at(&tmp)?;
         file.seek(SeekFrom::Start(DATA_START)).at(&tmp)?;
@@ -95,6 +104,7 @@ impl TensorFileWriter {
             tmp,
             file: Some(file),
             dtype,
+            side,
             images: 0,
             labels: Vec::new(),
             coarse: Vec::new(),
@@ -106,24 +116,25 @@ impl TensorFileWriter {
         self.images
     }
 
-    /// Appends a batch of records, normalized with `norm` when storing f32.
+    /// Appends a batch of records (images of this writer's size), normalized with `norm` when
+    /// storing f32.
     pub fn push(&mut self, records: &Records, norm: &Normalize) -> Result<()> {
+        let per_image = CHANNELS * self.side.0 * self.side.1;
+        debug_assert_eq!(records.pixels.len(), records.len() * per_image);
         let file = self.file.as_mut().expect("push after finish");
         match self.dtype {
             StoreDtype::U8 => file.write_all(&records.pixels).at(&self.tmp)?,
             StoreDtype::F32 => {
                 // 256 images at a time: large writes, little memory.
                 const CHUNK: usize = 256;
-                let mut floats = vec![0f32; CHUNK * BYTES_PER_IMAGE];
-                for chunk in records.pixels.chunks(CHUNK * BYTES_PER_IMAGE) {
-                    let n = chunk.len() / BYTES_PER_IMAGE;
-                    for (img, out) in
-                        chunk.chunks_exact(BYTES_PER_IMAGE).zip(floats.chunks_exact_mut(BYTES_PER_IMAGE))
-                    {
+                let mut floats = vec![0f32; CHUNK * per_image];
+                for chunk in records.pixels.chunks(CHUNK * per_image) {
+                    let n = chunk.len() / per_image;
+                    for (img, out) in chunk.chunks_exact(per_image).zip(floats.chunks_exact_mut(per_image)) {
                         norm.image(img, out);
                     }
                     // Little-endian on every target this builds for (x86-64, aarch64).
-                    file.write_all(bytemuck::cast_slice(&floats[..n * BYTES_PER_IMAGE])).at(&self.tmp)?;
+                    file.write_all(bytemuck::cast_slice(&floats[..n * per_image])).at(&self.tmp)?;
                 }
             }
         }
@@ -143,7 +154,8 @@ impl TensorFileWriter {
     pub fn finish(mut self, metadata: HashMap<String, String>) -> Result<Sealed> {
         let file = self.file.as_mut().expect("finish twice");
         let n = self.images;
-        let image_bytes = n * BYTES_PER_IMAGE * self.dtype.size();
+        let (h, w) = self.side;
+        let image_bytes = n * CHANNELS * h * w * self.dtype.size();
         let dtype = match self.dtype {
             StoreDtype::F32 => Dtype::F32,
             StoreDtype::U8 => Dtype::U8,
@@ -151,7 +163,7 @@ impl TensorFileWriter {
         let mut tensors = vec![
             (
                 "images".to_string(),
-                TensorInfo { dtype, shape: vec![n, CHANNELS, SIDE, SIDE], data_offsets: (0, image_bytes) },
+                TensorInfo { dtype, shape: vec![n, CHANNELS, h, w], data_offsets: (0, image_bytes) },
             ),
             (
                 "labels".to_string(),

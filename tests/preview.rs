@@ -2,7 +2,10 @@
 //! `cifar-train --preview-batch`, and the charts of `--plot`.
 mod common;
 
-use cifar_fast::preview::{cell_origin, denormalize, grid_size, label_width};
+use cifar_fast::prep::layout::CIFAR10_CLASSES as CLASSES;
+use cifar_fast::preview::{
+    cell_origin, denormalize, grid_size, label_width, labelled_cell_origin, labelled_grid_size,
+};
 use cifar_fast::{Augment, Dataset, Loader, TensorFile};
 use common::*;
 
@@ -56,7 +59,7 @@ fn the_batch_preview_is_the_first_batch_as_the_model_gets_it() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains(&format!("wrote {}", png.display())), "{}", text(&o));
     let img = image::open(&png).unwrap().to_rgb8();
-    assert_eq!(img.dimensions(), grid_size(0, 3, 1, 8));
+    assert_eq!(img.dimensions(), labelled_grid_size(3, 1, 8));
     let data = Dataset::open(dir.join("cifar10-train.safetensors")).unwrap();
     let (mean, std) = (data.file().mean(), data.file().std());
     let mut loader =
@@ -64,8 +67,19 @@ fn the_batch_preview_is_the_first_batch_as_the_model_gets_it() {
     let first = collect(loader.epoch(0)).remove(0);
     for k in [0usize, 5, 7] {
         let chw = denormalize(&first.1[k * IMG..(k + 1) * IMG], mean, std);
-        let (x, y) = cell_origin(0, 3, 0, k as u32);
+        let (x, y) = labelled_cell_origin(3, 0, k as u32);
         assert_cell(&img, x, y, &chw, 3, &format!("batch image {k}"));
+        // Its class name is written under it: as many letters' worth of ink as the name has.
+        let name = &CLASSES[first.2[k] as usize];
+        let ink = |x0: u32, x1: u32| {
+            (x0..x1)
+                .flat_map(|x| (y + 97..y + 105).map(move |y| (x, y)))
+                .filter(|&(x, y)| img.get_pixel(x, y).0 == [0, 0, 0])
+                .count()
+        };
+        let letters = name.len() as u32;
+        assert!(ink(x, x + 8 * letters) > 4 * name.len(), "batch image {k}: no caption {name:?}");
+        assert_eq!(ink(x + 8 * letters, x + 96), 0, "batch image {k}: caption longer than {name:?}");
     }
 }
 

@@ -134,9 +134,12 @@ fn refused(o: std::process::Output, expect: &str) {
 
 #[test]
 fn bad_input_is_one_clear_error() {
-    let empty = scratch("train_bad_empty");
-    refused(train(&empty, &[]), "cifar-prep --download");
     let dir = learnable_data(&scratch("train_bad"), 4);
+    refused(train(&dir, &["--dataset", "nosuch"]), "no prepared dataset \"nosuch\" in");
+    refused(
+        train(&dir, &["--metrics", "/no/such/dir/m.jsonl"]),
+        "--metrics /no/such/dir/m.jsonl: the directory",
+    );
     refused(train(&dir, &["--batch-size", "0"]), "--batch-size must be at least 1");
     refused(train(&dir, &["--device", "cuda:7"]), "CUDA device 7 does not exist");
     refused(train(&dir, &["--device", "tpu"]), "expected auto, cpu, cuda or cuda:N");

@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use cifar_fast::prep::{self, PrepOptions};
+use cifar_fast::prep::{self, PrepOptions, download};
 use cifar_fast::train::{self, ModelKind, Progress, TrainConfig};
 use clap::{Parser, ValueEnum};
 use common::say;
@@ -22,19 +22,31 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Train the tutorial's net on CIFAR, and show where every second went.
 ///
-/// With no arguments: the data in ./data (prepared from a tarball there if need be), CUDA when
-/// available, and the tutorial's settings (batch 4, 2 epochs, SGD lr 0.001 momentum 0.9).
+/// With no arguments: the data in ./data (prepared from a tarball there, or downloaded first,
+/// like `download=True`), CUDA when available, and the tutorial's settings (batch 4, 10
+/// epochs, SGD lr 0.001 momentum 0.9).
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(name = "cifar-train", version, about)]
 struct Args {
     /// The data directory (torchvision's `root`): the tensor files, or a tarball to make them.
+    /// With neither, CIFAR-10 is downloaded into it.
     #[arg(long, default_value = "data")]
     data: PathBuf,
+    /// Which prepared data in --data to train on: NAME-train.safetensors and
+    /// NAME-test.safetensors (default: cifar10, cifar100, or the only pair there).
+    #[arg(long, value_name = "NAME")]
+    dataset: Option<String>,
+    /// Where to download CIFAR-10 from when --data holds none (default: the official URL).
+    #[arg(long, value_name = "URL")]
+    download_url: Option<String>,
+    /// The md5 that download must have (default: the official tarball's).
+    #[arg(long, value_name = "HEX", requires = "download_url")]
+    download_md5: Option<String>,
     /// Samples per batch.
     #[arg(long, default_value_t = 4)]
     batch_size: usize,
-    /// Epochs.
-    #[arg(long, default_value_t = 2)]
+    /// Epochs (the tutorial's `range(10)`).
+    #[arg(long, default_value_t = 10)]
     epochs: u64,
     /// Learning rate.
     #[arg(long, default_value_t = 0.001)]
@@ -73,8 +85,11 @@ struct Args {
     #[arg(long)]
     checkpoint: Option<PathBuf>,
     /// Continue from the checkpoint in --checkpoint.
-    #[arg(long, requires = "checkpoint")]
+    #[arg(long, requires = "checkpoint", conflicts_with = "overwrite")]
     resume: bool,
+    /// Start afresh even though --checkpoint holds a checkpoint, replacing it.
+    #[arg(long, requires = "checkpoint")]
+    overwrite: bool,
     /// Write metrics as JSON lines to this file (the last line is the summary).
     #[arg(long)]
     metrics: Option<PathBuf>,
@@ -85,9 +100,15 @@ struct Args {
     /// CPU threads for libtorch (default: libtorch's choice).
     #[arg(long)]
     threads: Option<i32>,
-    /// Stop after N steps in all (checkpointing first, if --checkpoint).
+    /// Stop after N steps in all (checkpointing first, if --checkpoint), then evaluate.
     #[arg(long)]
     max_steps: Option<usize>,
+    /// Do not evaluate on the test split (neither after each epoch nor at an early stop).
+    #[arg(long)]
+    no_eval: bool,
+    /// Write the trained model as TorchScript to this file, for `torch.jit.load`.
+    #[arg(long, value_name = "FILE")]
+    export: Option<PathBuf>,
     /// Save the first training batch as the model receives it (augmented), as a PNG grid.
     #[arg(long, value_name = "PNG")]
     preview_batch: Option<PathBuf>,
@@ -121,71 +142,154 @@ fn parse_device(s: &str) -> anyhow::Result<Device> {
     })
 }
 
-/// The prepared splits in `dir`, made from a tarball there first if they are missing.
-fn find_data(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
-    for name in ["cifar10", "cifar100"] {
-        let (train, test) =
-            (dir.join(format!("{name}-train.safetensors")), dir.join(format!("{name}-test.safetensors")));
-        if train.exists() && test.exists() {
-            return Ok((train, test));
-        }
-    }
-    let found = [
-        "cifar-10-binary.tar.gz",
-        "cifar-10-python.tar.gz",
-        "cifar-10-batches-bin",
-        "cifar-10-batches-py",
-        "cifar-100-python.tar.gz",
-    ]
-    .iter()
-    .map(|n| dir.join(n))
-    .find(|p| p.exists());
-    let Some(input) = found else {
-        bail!(
-            "no prepared CIFAR data in {}: run `cifar-prep --download --out {}` to fetch and prepare \
-             CIFAR-10, or `cifar-prep TARBALL --out {}`",
-            dir.display(),
-            dir.display(),
-            dir.display()
-        );
-    };
-    say!("preparing {} (once) ...", input.display());
-    let s = prep::prepare(&input, dir, &PrepOptions::default(), &indicatif::ProgressBar::hidden())?;
-    let path = |i: usize| s.splits[i].path.clone();
-    Ok((path(0), path(1)))
+/// Prepared pairs in `dir`: the names NAME with both NAME-train and NAME-test tensor files.
+fn prepared_pairs(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix("-train.safetensors").map(String::from))
+        .filter(|n| !n.starts_with('.') && dir.join(format!("{n}-test.safetensors")).exists())
+        .collect();
+    names.sort();
+    names
 }
 
-/// A progress bar on a terminal; plain lines otherwise.
+/// The CIFAR inputs `cifar-train` prepares by itself when found in the data directory.
+const TARBALLS: [&str; 5] = [
+    "cifar-10-binary.tar.gz",
+    "cifar-10-python.tar.gz",
+    "cifar-10-batches-bin",
+    "cifar-10-batches-py",
+    "cifar-100-python.tar.gz",
+];
+
+/// The real CIFAR-10 images beside the checkout (`../shared/data`), for machines without a
+/// network: looked for from the working directory, then from the checkout this binary was
+/// built in (`<checkout>/target/release/cifar-train`).
+fn shared_images() -> Option<PathBuf> {
+    let rel = Path::new("../shared/data/cifar-10-jpeg.tar.gz");
+    let checkout =
+        std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.parent()?.parent()?.to_path_buf()));
+    std::iter::once(rel.to_path_buf()).chain(checkout.map(|c| c.join(rel))).find(|p| p.is_file())
+}
+
+/// The train and test files to use: prepared data in `--data`, else made there once, as
+/// torchvision's `download=True` does: from a CIFAR tarball already there, else from the
+/// official download (md5-checked), else, where the download fails (no network), from the real
+/// images in `../shared/data`.
+fn find_data(args: &Args) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let dir = &args.data;
+    let pairs = prepared_pairs(dir);
+    let pick = match &args.dataset {
+        Some(name) => pairs.iter().find(|n| *n == name),
+        None => ["cifar10", "cifar100"]
+            .iter()
+            .find_map(|want| pairs.iter().find(|n| n == want))
+            .or(if pairs.len() == 1 { pairs.first() } else { None }),
+    };
+    let files = |name: &str| {
+        (dir.join(format!("{name}-train.safetensors")), dir.join(format!("{name}-test.safetensors")))
+    };
+    if let Some(name) = pick {
+        return Ok(files(name));
+    }
+    match args.dataset.as_deref() {
+        None if pairs.len() > 1 => {
+            bail!(
+                "{} holds several prepared datasets ({}): choose one with --dataset NAME",
+                dir.display(),
+                pairs.join(", ")
+            )
+        }
+        None | Some("cifar10") | Some("cifar100") => {}
+        Some(other) => bail!(
+            "no prepared dataset {other:?} in {} (no {other}-train.safetensors and {other}-test.safetensors){}",
+            dir.display(),
+            if pairs.is_empty() { String::new() } else { format!("; there are: {}", pairs.join(", ")) }
+        ),
+    }
+    let prepare = |input: &Path, name: Option<&str>| -> anyhow::Result<(PathBuf, PathBuf)> {
+        say!("preparing {} (once) ...", input.display());
+        let opts = PrepOptions { name: name.map(String::from), ..PrepOptions::default() };
+        let bar = common::progress_bar(0, "prepare");
+        let s = prep::prepare(input, dir, &opts, &bar)?;
+        bar.finish_and_clear();
+        let find = |split: &str| s.splits.iter().find(|x| x.split == split).map(|x| x.path.clone());
+        match (find("train"), find("test")) {
+            (Some(train), Some(test)) => Ok((train, test)),
+            _ => bail!("{}: has no train and test splits", input.display()),
+        }
+    };
+    let want100 = args.dataset.as_deref() == Some("cifar100");
+    if let Some(input) = TARBALLS
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.exists() && p.to_string_lossy().contains("100") == want100)
+    {
+        return prepare(&input, None);
+    }
+    let official = &download::OFFICIAL[if want100 { 2 } else { 0 }];
+    let url = args.download_url.as_deref().unwrap_or(official.url);
+    let md5 = args.download_md5.as_deref().unwrap_or(official.md5);
+    say!("no CIFAR data in {}: downloading {url}", dir.display());
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let bar = common::progress_bar(0, "download");
+    let got = download::download(url, md5, &dir.join(official.file), &bar);
+    bar.finish_and_clear();
+    match (got, shared_images()) {
+        (Ok(tarball), _) => {
+            say!("downloaded {} (md5 {md5} verified)", tarball.display());
+            prepare(&tarball, None)
+        }
+        (Err(e), Some(jpeg)) if !want100 => {
+            say!("{e}; using the real CIFAR-10 images in {} instead", jpeg.display());
+            prepare(&jpeg, Some("cifar10"))
+        }
+        (Err(e), _) => bail!(
+            "no CIFAR data in {dir}, and {e}. Put {file} in {dir} (or any CIFAR tarball), or run \
+             `cifar-prep TARBALL --out {dir}`",
+            dir = dir.display(),
+            file = official.file
+        ),
+    }
+}
+
+/// A progress bar on a terminal, over the whole run so its ETA is the run's; plain lines
+/// otherwise.
 struct Report {
     bar: Option<indicatif::ProgressBar>,
+    epoch: u64,
 }
 
 impl Progress for Report {
-    fn epoch(&mut self, epoch: u64, steps: usize) {
+    fn run(&mut self, steps: usize) {
         if std::io::stderr().is_terminal() {
             let bar = indicatif::ProgressBar::new(steps as u64);
+            // `wide_bar` takes what the terminal's width leaves, so the line never wraps.
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
-                    "epoch {msg} [{bar:30}] {pos}/{len} steps, eta {eta}",
+                    "{msg} [{wide_bar}] {human_pos}/{human_len} eta {eta}",
                 )
-                .unwrap()
+                .expect("a valid template")
                 .progress_chars("=> "),
             );
-            bar.set_message(format!("{}", epoch + 1));
             self.bar = Some(bar);
-        } else {
-            say!("epoch {}: {steps} steps", epoch + 1);
+        }
+    }
+
+    fn epoch(&mut self, epoch: u64, steps: usize) {
+        self.epoch = epoch;
+        match &self.bar {
+            Some(bar) => bar.set_message(format!("epoch {}", epoch + 1)),
+            None => say!("epoch {}: {steps} steps", epoch + 1),
         }
     }
 
     fn step(&mut self, images_per_s: f64) {
         if let Some(bar) = &self.bar {
             bar.inc(1);
-            if bar.position() % 50 == 0 {
-                bar.set_message(format!(
-                    "{} ({images_per_s:.0} img/s)",
-                    bar.message().split(' ').next().unwrap_or("")
-                ));
+            if bar.position() % 500 == 0 {
+                bar.set_message(format!("epoch {} {images_per_s:.0} img/s", self.epoch + 1));
             }
         }
     }
@@ -199,7 +303,7 @@ impl Progress for Report {
 }
 
 fn main() {
-    let args = Args::parse();
+    let args = common::parse_args::<Args>();
     if let Err(e) = run(args) {
         eprintln!("cifar-train: error: {e:#}");
         std::process::exit(1);
@@ -217,7 +321,26 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let Some(n) = args.threads {
         tch::set_num_threads(n);
     }
-    let (train_path, test_path) = find_data(&args.data)?;
+    // Paths are checked before any data is fetched, prepared or trained on.
+    for (flag, path) in
+        [("--metrics", &args.metrics), ("--export", &args.export), ("--preview-batch", &args.preview_batch)]
+    {
+        if let Some(p) = path
+            && let Some(parent) = p.parent().filter(|d| !d.as_os_str().is_empty())
+            && !parent.is_dir()
+        {
+            bail!("{flag} {}: the directory {} does not exist", p.display(), parent.display());
+        }
+    }
+    if let Some(dir) = args.checkpoint.as_ref().filter(|_| !args.resume && !args.overwrite)
+        && train::checkpoint::path_in(dir).exists()
+    {
+        bail!(
+            "{} holds a checkpoint: continue it with --resume, or start afresh over it with --overwrite",
+            dir.display()
+        );
+    }
+    let (train_path, test_path) = find_data(&args)?;
     let resident = match args.resident {
         Resident::On => true,
         Resident::Off => false,
@@ -243,6 +366,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         resident,
         checkpoint: args.checkpoint.clone(),
         resume: args.resume,
+        overwrite: args.overwrite,
+        eval: !args.no_eval,
+        export: args.export.clone(),
         metrics: args.metrics.clone(),
         log_every: args.log_every.unwrap_or((8000 / args.batch_size).max(1)),
         max_steps: args.max_steps,
@@ -264,7 +390,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         cfg.epochs,
         tch::get_num_threads()
     );
-    let mut report = Report { bar: None };
+    let mut report = Report { bar: None, epoch: 0 };
     let s = train::run(&cfg, &mut report)?;
     if let Some(bar) = &report.bar {
         bar.finish_and_clear();
@@ -280,13 +406,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let t = &s.times;
-    say!(
-        "{} steps, {:.0} images/s, {:.2} s per epoch; final loss {:.3}",
-        s.steps,
-        s.images_per_s,
-        s.epoch_seconds,
-        s.final_loss
-    );
+    let per_epoch = s.epoch_seconds.map(|e| format!(", {e:.2} s per epoch")).unwrap_or_default();
+    say!("{} steps, {:.0} images/s{per_epoch}; final loss {:.3}", s.steps, s.images_per_s, s.final_loss);
     if let Some(steady) = s.steady_images_per_s {
         say!(
             "warm-up: the first step took {:.1} ms; {steady:.0} images/s after it",
@@ -301,6 +422,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     );
     for f in &s.files {
         say!("wrote {}", f.display());
+    }
+    for (chart, why) in &s.not_drawn {
+        say!("not drawn: {chart}: {why}");
     }
     if s.stopped_early {
         let at = s.position;

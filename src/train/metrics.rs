@@ -82,8 +82,16 @@ impl Metrics {
         Ok(())
     }
 
-    /// The last line: the run's summary.
-    pub fn summary(&mut self, s: &super::Summary) -> Result<()> {
+    /// The last line: the run's summary. Where the run stopped is numbered as the console's
+    /// `[epoch, step]` lines: the epoch from 1, and the steps trained in it (at an epoch's end,
+    /// that epoch and its `per_epoch` steps).
+    pub fn summary(&mut self, s: &super::Summary, per_epoch: usize) -> Result<()> {
+        let at = s.position;
+        let (epoch, step) = match (at.epoch, at.step) {
+            (0, 0) => (0, 0),
+            (e, 0) => (e, per_epoch),
+            (e, k) => (e + 1, k),
+        };
         let mut v = serde_json::json!({
             "type": "summary",
             "images_per_s": s.images_per_s,
@@ -97,9 +105,12 @@ impl Metrics {
             "steps": s.steps,
             "final_loss": s.final_loss,
             "stopped_early": s.stopped_early,
-            "epoch": s.position.epoch,
-            "step": s.position.step,
+            "epoch": epoch,
+            "step": step,
         });
+        if s.epoch_seconds.is_none() {
+            v.as_object_mut().expect("an object").remove("epoch_seconds");
+        }
         if let Some(e) = &s.eval {
             v["test_accuracy"] = e.accuracy.into();
             v["per_class_accuracy"] = serde_json::json!(

@@ -36,7 +36,7 @@ pub struct TrainConfig {
     pub model: ModelKind,
     /// Samples per batch (the tutorial: 4).
     pub batch_size: usize,
-    /// Epochs (the tutorial: 2).
+    /// Epochs (the tutorial: 10).
     pub epochs: u64,
     /// Learning rate (0.001).
     pub lr: f64,
@@ -62,6 +62,13 @@ pub struct TrainConfig {
     pub checkpoint: Option<PathBuf>,
     /// Continue from the checkpoint.
     pub resume: bool,
+    /// Start afresh over an existing checkpoint (without it, and without `resume`, a
+    /// checkpoint directory that holds one is refused rather than overwritten).
+    pub overwrite: bool,
+    /// Evaluate on the test split after each epoch and after an early stop.
+    pub eval: bool,
+    /// Write the trained model here as TorchScript (traced on the CPU).
+    pub export: Option<PathBuf>,
     /// JSON-lines metrics file.
     pub metrics: Option<PathBuf>,
     /// Print the running loss every this many steps.
@@ -82,7 +89,7 @@ impl TrainConfig {
             test,
             model: ModelKind::Lenet,
             batch_size: 4,
-            epochs: 2,
+            epochs: 10,
             lr: 0.001,
             momentum: 0.9,
             weight_decay: 0.0,
@@ -95,6 +102,9 @@ impl TrainConfig {
             resident: false,
             checkpoint: None,
             resume: false,
+            overwrite: false,
+            eval: true,
+            export: None,
             metrics: None,
             log_every: 2000,
             max_steps: None,
@@ -133,8 +143,9 @@ pub struct Summary {
     pub data_wait_share: f64,
     /// Where the step time went.
     pub times: StepTimes,
-    /// Mean wall time of the completed epochs' training steps, seconds.
-    pub epoch_seconds: f64,
+    /// Mean wall time of the completed epochs' training steps, seconds (`None` when no epoch
+    /// was completed in this invocation).
+    pub epoch_seconds: Option<f64>,
     /// Steps trained in this invocation.
     pub steps: usize,
     /// The last logged running loss.
@@ -147,8 +158,10 @@ pub struct Summary {
     pub stopped_early: bool,
     /// Where it stopped.
     pub position: Position,
-    /// Pictures written (`--preview-batch`, `--plot`).
+    /// Files written (`--preview-batch`, `--plot`, `--export`).
     pub files: Vec<PathBuf>,
+    /// Charts `--plot` could not draw, and why.
+    pub not_drawn: Vec<(String, String)>,
 }
 
 /// Keeps freed tensor memory in the process instead of returning it to the OS.
@@ -175,6 +188,10 @@ pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 /// Progress reporting, so the library stays free of terminal concerns.
 pub trait Progress {
+    /// The run will train `steps` steps in all (this invocation's, all epochs together).
+    fn run(&mut self, steps: usize) {
+        let _ = steps;
+    }
     /// An epoch of `steps` steps begins.
     fn epoch(&mut self, epoch: u64, steps: usize);
     /// A step finished; `images_per_s` over the epoch so far.
@@ -203,6 +220,26 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
     let train = Arc::new(Dataset::open(&cfg.train)?);
     let test = cfg.test.as_ref().map(Dataset::open).transpose()?.map(Arc::new);
     let classes = train.classes();
+    if cfg.model == ModelKind::Lenet && train.sample_shape() != [3, 32, 32] {
+        return Err(Error::Config(format!(
+            "the LeNet takes 32x32 images, and {} holds {:?}: use --model resnet, or prepare the \
+             data with `cifar-prep --size 32,32`",
+            cfg.train.display(),
+            train.sample_shape()
+        )));
+    }
+    if let Some(test) = &test
+        && test.sample_shape() != train.sample_shape()
+    {
+        return Err(Error::format(
+            &cfg.train,
+            format!(
+                "holds images of {:?}, and the test split {:?}",
+                train.sample_shape(),
+                test.sample_shape()
+            ),
+        ));
+    }
     let n_classes = classes.len().max(1 + *train.file().labels().iter().max().unwrap_or(&0) as usize) as i64;
     let settings = settings_of(cfg, n_classes, train.len());
 
@@ -219,12 +256,16 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
     let populate_seconds = if reads_mapping { populate(&train, progress) } else { 0.0 };
     let augment = if cfg.augment { Augment::standard() } else { Augment::default() };
     let mut batches = Batches::new(cfg, &train, augment, pos)?;
-    let mut record = Record::new(cfg.metrics.as_deref())?;
+    let mut record = Record::new(cfg.metrics.as_deref(), batches.per_epoch())?;
+    let remaining =
+        (cfg.epochs.saturating_sub(pos.epoch) as usize * batches.per_epoch()).saturating_sub(pos.step);
+    progress.run(cfg.max_steps.map_or(remaining, |m| remaining.min(m.saturating_sub(pos.global_step))));
 
     'epochs: while pos.epoch < cfg.epochs {
         let epoch = pos.epoch;
         progress.epoch(epoch, batches.per_epoch() - pos.step);
         let mut running = RunningLoss::new(cfg.device);
+        let mut window = RunningLoss::new(cfg.device);
         let mut times = StepTimes::default();
         let mut fetch = batches.epoch(epoch, pos.step);
         let mut last = Instant::now();
@@ -238,11 +279,12 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
             if record.steps == 0
                 && let Some(png) = &cfg.preview_batch
             {
-                save_batch_preview(&batch.images, train.file(), png)?;
+                save_batch_preview(&batch.images, &batch.labels, train.file(), png)?;
                 record.files.push(png.clone());
             }
             let loss = train_step(&*net, &mut opt, &batch.images, &batch.labels, cfg.amp);
             running.add(&loss);
+            window.add(&loss);
             let (n, copy) = (batch.len, batch.copy);
             drop(batch); // the loader may refill its buffer now
             let now = Instant::now();
@@ -251,6 +293,7 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
             record.step(&times);
             pos.step += 1;
             pos.global_step += 1;
+            record.chart_point(pos, &mut window, &times, false);
             progress.step(times.images as f64 / times.total.as_secs_f64());
             let stop =
                 INTERRUPTED.load(Ordering::SeqCst) || cfg.max_steps.is_some_and(|m| pos.global_step >= m);
@@ -262,23 +305,37 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
             if stop {
                 drop(fetch);
                 sync(cfg.device);
+                record.chart_point(pos, &mut window, &times, true);
                 record.stopped_early = true;
                 record.times.merge(&times);
                 if let Some(dir) = &cfg.checkpoint {
                     save(dir, &vs, &opt, &settings, pos)?;
+                }
+                // An early stop still reports the model's accuracy, unless interrupted.
+                if let Some(test) = test.as_ref().filter(|_| cfg.eval && !INTERRUPTED.load(Ordering::SeqCst))
+                {
+                    let e = evaluate(&*net, test, cfg.batch_size.max(500), cfg.workers, cfg.device)?;
+                    progress.line(&format!(
+                        "stopped at epoch {}, step {}: test accuracy {:.2}%",
+                        pos.epoch + 1,
+                        pos.step,
+                        100.0 * e.accuracy
+                    ));
+                    record.eval = Some(e);
                 }
                 break 'epochs;
             }
         }
         drop(fetch);
         sync(cfg.device);
+        record.chart_point(pos, &mut window, &times, true);
         if let Some(mean) = running.take_mean() {
             record.final_loss = mean;
         }
         record.epoch_seconds.push(times.total.as_secs_f64());
         record.times.merge(&times);
         pos = Position { epoch: epoch + 1, step: 0, global_step: pos.global_step };
-        if let Some(test) = &test {
+        if let Some(test) = test.as_ref().filter(|_| cfg.eval) {
             let e = evaluate(&*net, test, cfg.batch_size.max(500), cfg.workers, cfg.device)?;
             record.evaluation(progress, epoch, e, &times)?;
         }
@@ -287,10 +344,53 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
         }
     }
     if let Some(dir) = &cfg.plot {
-        let files = plots::write_all(dir, &record.history, record.eval.as_ref(), &classes)?;
+        let (files, not_drawn) = plots::write_all(dir, &record.history, record.eval.as_ref(), &classes)?;
         record.files.extend(files);
+        record.not_drawn = not_drawn;
+    }
+    if let Some(path) = &cfg.export {
+        export(cfg.model, &vs, n_classes, train.sample_shape(), path)?;
+        record.files.push(path.clone());
     }
     record.finish(classes, pos, populate_seconds)
+}
+
+/// Writes the model in `vs` as TorchScript to `path`: traced on the CPU in evaluation mode (a
+/// copy of the weights, wherever they trained), so `torch.jit.load(path)` runs it with no code
+/// of ours, on any device it is moved to. The batch dimension stays free.
+pub fn export(
+    kind: ModelKind,
+    vs: &nn::VarStore,
+    classes: i64,
+    sample: [usize; 3],
+    path: &std::path::Path,
+) -> Result<()> {
+    let mut cpu = nn::VarStore::new(Device::Cpu);
+    let net = model::build(kind, &cpu.root(), classes);
+    cpu.copy(vs).map_err(|e| Error::format(path, format!("cannot copy the weights for export: {e}")))?;
+    // Weights enter the trace as constants, which must not require gradients.
+    cpu.freeze();
+    let [c, h, w] = sample.map(|d| d as i64);
+    let example = Tensor::zeros([2, c, h, w], (Kind::Float, Device::Cpu));
+    let module = tch::no_grad(|| {
+        tch::CModule::create_by_tracing(kind.name(), "forward", &[example], &mut |x| {
+            vec![net.forward_t(&x[0], false)]
+        })
+    })
+    .map_err(|e| Error::format(path, format!("cannot trace the model: {e}")))?;
+    let tmp = path.with_file_name(format!(
+        ".{}.{}.tmp",
+        path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        std::process::id()
+    ));
+    let saved = module
+        .save(&tmp)
+        .map_err(|e| Error::format(path, format!("cannot write TorchScript: {e}")))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if saved.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    saved
 }
 
 /// One training step: forward, loss, backward, update. Returns the loss (not synchronised).
@@ -361,6 +461,14 @@ fn check(cfg: &TrainConfig) -> Result<()> {
     if cfg.log_every == 0 {
         return Err(Error::Config("--log-every must be at least 1".into()));
     }
+    if let Some(dir) = cfg.checkpoint.as_ref().filter(|_| !cfg.resume && !cfg.overwrite)
+        && checkpoint::path_in(dir).exists()
+    {
+        return Err(Error::Config(format!(
+            "{} holds a checkpoint: continue it with --resume, or start afresh over it with --overwrite",
+            dir.display()
+        )));
+    }
     if let Device::Cuda(i) = cfg.device
         && (i as i64) >= tch::Cuda::device_count()
     {
@@ -429,11 +537,22 @@ struct Record {
     eval: Option<Evaluation>,
     stopped_early: bool,
     files: Vec<PathBuf>,
+    not_drawn: Vec<(String, String)>,
+    /// Steps an epoch.
+    per_epoch: usize,
+    /// The epoch's step times at the last chart point.
+    charted: StepTimes,
 }
 
+/// Training time between two points of the `--plot` charts.
+const CHART_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Record {
-    fn new(metrics: Option<&std::path::Path>) -> Result<Self> {
+    fn new(metrics: Option<&std::path::Path>, per_epoch: usize) -> Result<Self> {
         Ok(Record {
+            not_drawn: Vec::new(),
+            per_epoch,
+            charted: Default::default(),
             metrics: Metrics::create(metrics)?,
             history: Default::default(),
             times: Default::default(),
@@ -455,6 +574,26 @@ impl Record {
         self.steps += 1;
     }
 
+    /// A point of the charts, when a second of training has passed since the last one or the
+    /// epoch ends (`last`): the mean loss, images/s and data wait over that stretch.
+    fn chart_point(&mut self, at: Position, window: &mut RunningLoss, epoch: &StepTimes, last: bool) {
+        let since = epoch.total.saturating_sub(self.charted.total);
+        if !(last || since >= CHART_EVERY) {
+            return;
+        }
+        if let Some(mean) = window.take_mean() {
+            let secs = since.as_secs_f64().max(1e-9);
+            let wait = epoch.wait.saturating_sub(self.charted.wait).as_secs_f64();
+            self.history.loss.push((at.global_step, mean));
+            self.history.speed.push((
+                at.global_step,
+                (epoch.images - self.charted.images) as f64 / secs,
+                wait / secs,
+            ));
+        }
+        self.charted = if last { StepTimes::default() } else { *epoch };
+    }
+
     /// The tutorial's loss line, and its metrics line.
     fn loss(
         &mut self,
@@ -466,10 +605,8 @@ impl Record {
         self.final_loss = mean;
         progress.line(&format!("[{}, {:5}] loss: {:.3}", at.epoch + 1, at.step, mean));
         let speed = epoch.images as f64 / epoch.total.as_secs_f64();
-        self.history.loss.push((at.global_step, mean));
-        self.history.speed.push((at.global_step, speed, epoch.wait_share()));
         self.metrics.log(&serde_json::json!({
-            "type": "loss", "epoch": at.epoch, "step": at.step, "global_step": at.global_step,
+            "type": "loss", "epoch": at.epoch + 1, "step": at.step, "global_step": at.global_step,
             "loss": mean, "images_per_s": speed, "data_wait_share": epoch.wait_share(),
         }))
     }
@@ -485,7 +622,7 @@ impl Record {
         progress.line(&format!("epoch {}: test accuracy {:.2}%", epoch + 1, 100.0 * e.accuracy));
         self.history.accuracy.push((epoch, e.accuracy));
         self.metrics.log(&serde_json::json!({
-            "type": "epoch", "epoch": epoch, "test_accuracy": e.accuracy, "per_class": e.per_class,
+            "type": "epoch", "epoch": epoch + 1, "test_accuracy": e.accuracy, "per_class": e.per_class,
             "epoch_seconds": times.total.as_secs_f64(),
             "images_per_s": times.images as f64 / times.total.as_secs_f64(),
             "data_wait_share": times.wait_share(), "confusion": e.confusion,
@@ -506,11 +643,8 @@ impl Record {
             first_step_seconds: self.first_step.total.as_secs_f64(),
             populate_seconds,
             data_wait_share: times.wait_share(),
-            epoch_seconds: if self.epoch_seconds.is_empty() {
-                times.total.as_secs_f64()
-            } else {
-                self.epoch_seconds.iter().sum::<f64>() / self.epoch_seconds.len() as f64
-            },
+            epoch_seconds: (!self.epoch_seconds.is_empty())
+                .then(|| self.epoch_seconds.iter().sum::<f64>() / self.epoch_seconds.len() as f64),
             times,
             steps: self.steps,
             final_loss: self.final_loss,
@@ -519,20 +653,44 @@ impl Record {
             stopped_early: self.stopped_early,
             position,
             files: self.files,
+            not_drawn: self.not_drawn,
         };
-        self.metrics.summary(&summary)?;
+        self.metrics.summary(&summary, self.per_epoch)?;
         Ok(summary)
     }
 }
 
-/// The batch as the model gets it (augmented, normalized), back to bytes, 8 to a row, x3.
-fn save_batch_preview(images: &Tensor, file: &crate::store::TensorFile, png: &std::path::Path) -> Result<()> {
+/// The batch as the model gets it (augmented, normalized), back to bytes, 8 to a row, x3,
+/// each image captioned with its label's class name.
+fn save_batch_preview(
+    images: &Tensor,
+    labels: &Tensor,
+    file: &crate::store::TensorFile,
+    png: &std::path::Path,
+) -> Result<()> {
     let values = Vec::<f32>::try_from(images.to_device(Device::Cpu).contiguous().flatten(0, -1))
         .map_err(|e| Error::Shape(format!("batch preview: {e}")))?;
-    let per = values.len() / images.size()[0] as usize;
-    let pictures: Vec<Vec<u8>> =
-        values.chunks(per).map(|v| crate::preview::denormalize(v, file.mean(), file.std())).collect();
-    crate::preview::save_png(&crate::preview::image_grid(&pictures, 8, 3), png)
+    let labels = Vec::<i64>::try_from(labels.to_device(Device::Cpu))
+        .map_err(|e| Error::Shape(format!("batch preview: {e}")))?;
+    let [_, _, h, w] = images.size()[..] else {
+        return Err(Error::Shape(format!("batch preview: images of shape {:?}", images.size())));
+    };
+    let per = values.len() / labels.len().max(1);
+    let pictures: Vec<Vec<u8>> = values
+        .chunks(per)
+        .map(|v| {
+            crate::preview::to_cell(
+                &crate::preview::denormalize(v, file.mean(), file.std()),
+                h as usize,
+                w as usize,
+            )
+        })
+        .collect();
+    let captions: Vec<String> = labels
+        .iter()
+        .map(|&l| file.classes().get(l as usize).cloned().unwrap_or_else(|| l.to_string()))
+        .collect();
+    crate::preview::save_png(&crate::preview::labelled_grid(&pictures, &captions, 8, 3), png)
 }
 
 fn save(

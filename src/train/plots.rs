@@ -8,12 +8,13 @@ use plotters::prelude::*;
 use super::Evaluation;
 use crate::error::{Error, Result};
 
-/// What a run logged, for the charts.
+/// What a run logged, for the charts: a point every second or so of training, and at each
+/// epoch's end.
 #[derive(Debug, Clone, Default)]
 pub struct History {
-    /// `(global step, running loss)` at each log line.
+    /// `(global step, mean loss since the last point)`.
     pub loss: Vec<(usize, f64)>,
-    /// `(global step, images/s, data-wait share)` at each log line.
+    /// `(global step, images/s, data-wait share)` since the last point.
     pub speed: Vec<(usize, f64, f64)>,
     /// `(epoch, test accuracy)` after each evaluation.
     pub accuracy: Vec<(u64, f64)>,
@@ -36,19 +37,20 @@ pub fn smooth(values: &[f64]) -> Vec<f64> {
         .collect()
 }
 
-type Series<'a> = (&'a str, Vec<(f64, f64)>, RGBColor);
+/// A line's name, its `(x, y)` points (x a step or epoch number) and its colour.
+type Series<'a> = (&'a str, Vec<(i64, f64)>, RGBColor);
 
 fn line_chart(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[Series<'_>]) -> Result<()> {
     let err = fail(path);
     let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
     let points = series.iter().flat_map(|s| s.1.iter());
-    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    let (mut x0, mut x1, mut y0, mut y1) = (i64::MAX, i64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in points {
         (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
     }
     if x0 > x1 {
-        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+        (x0, x1, y0, y1) = (0, 1, 0.0, 1.0);
     }
     let pad = ((y1 - y0) * 0.05).max(1e-6);
     let mut chart = ChartBuilder::on(&root)
@@ -56,9 +58,18 @@ fn line_chart(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[Se
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))
+        .build_cartesian_2d(x0..x1.max(x0 + 1), (y0 - pad)..(y1 + pad))
         .map_err(|e| err(e.to_string()))?;
-    chart.configure_mesh().x_desc(x_desc).y_desc(y_desc).draw().map_err(|e| err(e.to_string()))?;
+    // Integer x labels, at most one per integer (an axis of 2 epochs gets 1 and 2, not 1.5).
+    let labels = (x1.max(x0 + 1) - x0 + 1).clamp(2, 10) as usize;
+    chart
+        .configure_mesh()
+        .x_labels(labels)
+        .x_label_formatter(&|x| x.to_string())
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
     for (name, pts, color) in series {
         let color = *color;
         chart
@@ -124,17 +135,21 @@ pub fn confusion_chart(path: &Path, eval: &Evaluation, classes: &[String]) -> Re
     root.present().map_err(|e| err(e.to_string()))
 }
 
-/// Writes every chart the run has data for into `dir`; returns the files written.
+/// A chart's file name and why it was not drawn.
+pub type NotDrawn = (String, String);
+
+/// Writes every chart the run has data for into `dir`; returns the files written, and the
+/// charts not drawn with the reason.
 pub fn write_all(
     dir: &Path,
     history: &History,
     eval: Option<&Evaluation>,
     classes: &[String],
-) -> Result<Vec<PathBuf>> {
+) -> Result<(Vec<PathBuf>, Vec<NotDrawn>)> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut files = Vec::new();
-    let steps = |v: &[(usize, f64)]| v.iter().map(|&(s, y)| (s as f64, y)).collect::<Vec<_>>();
-    if !history.loss.is_empty() {
+    let (mut files, mut skipped) = (Vec::new(), Vec::new());
+    let steps = |v: &[(usize, f64)]| v.iter().map(|&(s, y)| (s as i64, y)).collect::<Vec<_>>();
+    if history.loss.len() >= 2 {
         let raw: Vec<f64> = history.loss.iter().map(|p| p.1).collect();
         let smoothed: Vec<(usize, f64)> = history.loss.iter().map(|p| p.0).zip(smooth(&raw)).collect();
         let path = dir.join("loss.svg");
@@ -144,7 +159,7 @@ pub fn write_all(
             "step",
             "cross-entropy",
             &[
-                ("running loss", steps(&history.loss), RGBColor(255, 153, 153)),
+                ("mean loss", steps(&history.loss), RGBColor(255, 153, 153)),
                 ("smoothed", steps(&smoothed), RED),
             ],
         )?;
@@ -163,18 +178,27 @@ pub fn write_all(
             &[("data wait", steps(&wait), GREEN)],
         )?;
         files.push(path);
+    } else {
+        let why = "the run trained too briefly for two points (one a second of training)";
+        for name in ["loss.svg", "speed.svg", "data-wait.svg"] {
+            skipped.push((name.to_string(), why.to_string()));
+        }
     }
     if !history.accuracy.is_empty() {
         let path = dir.join("accuracy.svg");
-        let acc: Vec<(f64, f64)> =
-            history.accuracy.iter().map(|&(e, a)| (e as f64 + 1.0, 100.0 * a)).collect();
+        let acc: Vec<(i64, f64)> = history.accuracy.iter().map(|&(e, a)| (e as i64 + 1, 100.0 * a)).collect();
         line_chart(&path, "test accuracy", "epoch", "%", &[("test accuracy", acc, MAGENTA)])?;
         files.push(path);
+    } else {
+        skipped.push(("accuracy.svg".into(), "no epoch finished with an evaluation".into()));
     }
-    if let Some(eval) = eval {
-        let path = dir.join("confusion.svg");
-        confusion_chart(&path, eval, classes)?;
-        files.push(path);
+    match eval {
+        Some(eval) => {
+            let path = dir.join("confusion.svg");
+            confusion_chart(&path, eval, classes)?;
+            files.push(path);
+        }
+        None => skipped.push(("confusion.svg".into(), "the model was not evaluated".into())),
     }
-    Ok(files)
+    Ok((files, skipped))
 }

@@ -42,6 +42,8 @@ pub struct Resident {
     augment: Augment,
     seed: u64,
     device: Device,
+    /// `(height, width)` of an image.
+    side: (i64, i64),
     /// Keeps the memory map alive under the CPU tensors that view it.
     _source: Arc<Dataset>,
 }
@@ -60,14 +62,15 @@ impl Resident {
         // as this struct (and the view is dropped or copied before it: `to_device` copies, and on
         // the CPU every use below is a read — `index_select` makes new tensors). The extent and
         // alignment were checked when the file was opened.
-        let view = unsafe { Tensor::from_blob(bytes.as_ptr(), &[n, 3, 32, 32], &[], kind, Device::Cpu) };
+        let [c, h, w] = file.image_shape().map(|d| d as i64);
+        let view = unsafe { Tensor::from_blob(bytes.as_ptr(), &[n, c, h, w], &[], kind, Device::Cpu) };
         let images = if device == Device::Cpu { view } else { view.to_device(device) };
         let labels = Tensor::from_slice(file.labels()).to_device(device);
         let normalize = (kind == Kind::Uint8).then(|| {
             let t = |v: [f32; 3]| Tensor::from_slice(&v).view([1, 3, 1, 1]).to_device(device);
             (t(file.mean()), t(file.std()))
         });
-        Ok(Resident { images, labels, normalize, augment, seed, device, _source: data })
+        Ok(Resident { images, labels, normalize, augment, seed, device, side: (h, w), _source: data })
     }
 
     /// Plans `epoch` from its batches: the indices and the augmentation draws of every sample,
@@ -94,7 +97,7 @@ impl Resident {
         }
     }
 
-    /// Batch `k` of a plan: `[B, 3, 32, 32]` f32 and `[B]` i64 on the device.
+    /// Batch `k` of a plan: `[B, 3, H, W]` f32 and `[B]` i64 on the device.
     pub fn batch(&self, plan: &EpochPlan, k: usize) -> (Tensor, Tensor) {
         let (start, b) = plan.batches[k];
         let idx = plan.indices.narrow(0, start, b);
@@ -110,12 +113,12 @@ impl Resident {
                 Some(Padding::Reflect) => x.reflection_pad2d(pad),
                 _ => x.constant_pad_nd(pad),
             };
-            let side = 32 + 2 * p;
-            let base = Tensor::arange(32, (Kind::Int64, self.device));
-            let rows = (plan.dy.narrow(0, start, b).view([b, 1]) + base.view([1, 32])).view([b, 1, 32, 1]);
-            let cols = (plan.dx.narrow(0, start, b).view([b, 1]) + base.view([1, 32])).view([b, 1, 1, 32]);
-            x = x.gather(2, &rows.expand([b, 3, 32, side], false), false);
-            x = x.gather(3, &cols.expand([b, 3, 32, 32], false), false);
+            let (h, w) = self.side;
+            let range = |n: i64| Tensor::arange(n, (Kind::Int64, self.device));
+            let rows = (plan.dy.narrow(0, start, b).view([b, 1]) + range(h).view([1, h])).view([b, 1, h, 1]);
+            let cols = (plan.dx.narrow(0, start, b).view([b, 1]) + range(w).view([1, w])).view([b, 1, 1, w]);
+            x = x.gather(2, &rows.expand([b, 3, h, w + 2 * p], false), false);
+            x = x.gather(3, &cols.expand([b, 3, h, w], false), false);
         }
         if self.augment.flip {
             let mask = plan.flip.narrow(0, start, b).view([b, 1, 1, 1]);

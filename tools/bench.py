@@ -57,6 +57,60 @@ def median(xs):
 
 
 def bench_prep(args):
+    if args.part in ("all", "cifar"):
+        bench_prep_cifar(args)
+    if args.part in ("all", "folder"):
+        bench_prep_folder(args)
+
+
+def bench_prep_folder(args):
+    """The 60,000 real JPEGs into tensor files, beside torchvision's ImageFolder + DataLoader
+    reading the same folder once."""
+    data = args.data
+    os.makedirs(data, exist_ok=True)
+    tgz = os.path.join(SHARED, "data", "cifar-10-jpeg.tar.gz")
+    folder = os.path.join(data, "jpeg")
+    if not os.path.isdir(os.path.join(folder, "cifar-10-jpeg")):
+        os.makedirs(folder, exist_ok=True)
+        sh(["tar", "xzf", tgz, "-C", folder])
+    root = os.path.join(folder, "cifar-10-jpeg")
+    out = tempfile.mkdtemp(dir=data, prefix="bench-prep-folder-")
+    prep = os.path.join(RELEASE, "cifar-prep")
+    from_tgz = [prep, tgz, "--out", out, "--force"]
+    from_dir = [prep, root, "--out", out, "--force"]
+    tv = ("import sys, torch, torchvision, torchvision.transforms as T\n"
+          "tf = T.Compose([T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])\n"
+          "n = 0\n"
+          "for split in ('train', 'test'):\n"
+          "    ds = torchvision.datasets.ImageFolder(sys.argv[1] + '/' + split, transform=tf)\n"
+          "    for x, y in torch.utils.data.DataLoader(ds, batch_size=256, num_workers=2):\n"
+          "        n += len(y)\n"
+          "assert n == 60000, n\n")
+    runs = {"tgz": [], "dir": [], "torchvision": []}
+    for rep in range(args.reps):
+        warm(tgz)
+        order = ["tgz", "dir", "torchvision"]
+        order = order[rep % 3:] + order[:rep % 3]
+        for what in order:
+            if what == "tgz":
+                runs["tgz"].append(timed(from_tgz))
+            elif what == "dir":
+                runs["dir"].append(timed(from_dir))
+            else:
+                runs["torchvision"].append(timed([sys.executable, "-c", tv, root]))
+    shutil.rmtree(out)
+    med = {k: median(v) for k, v in runs.items()}
+    ref = med["torchvision"]
+    print(f"\n{args.reps} runs each (order rotated), medians: 60,000 JPEGs (32x32) into f32 tensor files\n")
+    print("| what | seconds (median) | × faster than the reference |")
+    print("|---|---:|---:|")
+    print(f"| `cifar-prep cifar-10-jpeg.tar.gz --force` (the archive) | {med['tgz']:.2f} | {ref / med['tgz']:.1f}× |")
+    print(f"| `cifar-prep cifar-10-jpeg/ --force` (the extracted folder) | {med['dir']:.2f} | {ref / med['dir']:.1f}× |")
+    print(f"| reference: torchvision `ImageFolder` + `DataLoader(num_workers=2)`, one pass over the folder | {ref:.2f} | 1.0× |")
+    print("\nall runs:", json.dumps({k: [round(x, 3) for x in v] for k, v in runs.items()}))
+
+
+def bench_prep_cifar(args):
     data = args.data
     ensure_data(data)
     tgz = os.path.join(data, "cifar-10-binary.tar.gz")
@@ -235,6 +289,8 @@ def main():
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 32, 256])
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--images", type=int, default=200000)
+    ap.add_argument("--part", choices=["all", "cifar", "folder"], default="all",
+                    help="prep: the CIFAR tarball, the image folder, or both")
     args = ap.parse_args()
     args.data = os.path.abspath(args.data)
     {"prep": bench_prep, "loader": bench_loader, "train": bench_train, "accuracy": bench_accuracy}[args.what](args)

@@ -77,6 +77,12 @@ fn line_chart(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[Se
             .map_err(|e| err(e.to_string()))?
             .label(*name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        // A line of few points (accuracy over a few epochs; one is no line at all) shows them.
+        if pts.len() <= 30 {
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(|e| err(e.to_string()))?;
+        }
     }
     chart
         .configure_series_labels()

@@ -6,9 +6,10 @@ Fast CIFAR training data: from the official tarballs to batches on the GPU with 
 The crate follows the data, one module a stage (the first five come from the `cifar-data`
 crate, which needs no libtorch, and are re-exported here):
 
-* [`prep`] reads CIFAR-10/100 tarballs (binary or pickled, never executing a pickle) and writes
-  one safetensors file per split: `images [N,3,32,32]` and `labels [N]`. The `cifar-prep`
-  binary is a thin front for [`prep::prepare`].
+* [`prep`] reads CIFAR-10/100 tarballs (binary or pickled, never executing a pickle), or image
+  folders in `ImageFolder`'s layout, and writes one safetensors file per split:
+  `images [N,3,H,W]` (32×32 for CIFAR) and `labels [N]`. The `cifar-prep` binary is a thin
+  front for [`prep::prepare`].
 * [`store`] opens such a file: [`TensorFile`] validates it, then memory-maps it.
 * [`source`] is where samples come from: the [`Source`] trait, [`Dataset`] over a tensor file,
   and [`ImageFolder`] over `root/<class>/<image>.png` for your own data.

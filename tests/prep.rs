@@ -304,3 +304,39 @@ fn a_closed_stdout_ends_the_run_quietly_after_the_files_are_written() {
     assert!(o.stderr.is_empty(), "{}", text(&o));
     assert_eq!(TensorFile::open(dir.join("cifar10-train.safetensors")).unwrap().len(), 5);
 }
+
+#[test]
+fn mean_and_std_take_the_documented_r_g_b_form() {
+    let dir = scratch("prep_mean_std");
+    let tgz = dir.join("c.tar.gz");
+    tar_gz(&tgz, &cifar10_members(1, 1, false));
+    let out = dir.join("out");
+    let o = run(
+        prep_exe(),
+        &[&tgz, &"--out", &out, &"--mean", &"-0.25,0.5,0.75", &"--std", &"0.2470,0.2435,0.2616"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let f = cifar_fast::TensorFile::open(out.join("cifar10-train.safetensors")).unwrap();
+    assert_eq!((f.mean(), f.std()), ([-0.25, 0.5, 0.75], [0.2470, 0.2435, 0.2616]));
+    for (mean, std, problem) in [
+        ("0.5,0.5", "1,1,1", "three comma-separated values"),
+        ("0.5,0.5,x", "1,1,1", "\"x\" is not a number"),
+        ("0.5,0.5,NaN", "1,1,1", "not a finite number"),
+        ("0.5,0.5,0.5", "1,0,1", "every std must be positive"),
+    ] {
+        let o = run(prep_exe(), &[&tgz, &"--out", &dir.join("bad"), &"--mean", &mean, &"--std", &std]);
+        assert_eq!(o.status.code(), Some(1), "{mean} {std}: {}", text(&o));
+        assert!(text(&o).contains(problem), "{mean} {std}: {}", text(&o));
+        assert!(!dir.join("bad").exists());
+    }
+}
+
+#[test]
+fn each_binary_names_itself_in_its_version() {
+    for exe in [prep_exe(), env!("CARGO_BIN_EXE_cifar-train")] {
+        let o = run(exe, &[&"--version"]);
+        let name = std::path::Path::new(exe).file_name().unwrap().to_string_lossy().into_owned();
+        assert!(o.status.success());
+        assert_eq!(text(&o).trim(), format!("{name} {}", env!("CARGO_PKG_VERSION")));
+    }
+}

@@ -112,6 +112,22 @@ fn the_charts_parse_and_the_confusion_matrix_adds_up() {
         roxmltree::Document::parse(&svg).unwrap_or_else(|e| panic!("{name} is not SVG: {e}"));
         assert!(text(&o).contains(&format!("wrote {}", plots.join(name).display())), "{}", text(&o));
     }
+    // Integer axes print integers: the epochs are 1 and 2, the steps whole numbers.
+    let labels = |name: &str| -> Vec<String> {
+        let svg = std::fs::read_to_string(plots.join(name)).unwrap();
+        let doc = roxmltree::Document::parse(&svg).unwrap();
+        doc.descendants()
+            .filter(|n| n.has_tag_name("text"))
+            .filter_map(|n| n.text())
+            .map(|t| t.trim().to_string())
+            .collect()
+    };
+    let acc = labels("accuracy.svg");
+    assert!(acc.contains(&"1".to_string()) && acc.contains(&"2".to_string()), "{acc:?}");
+    assert!(!acc.iter().any(|t| t == "1.5" || t == "1.0"), "{acc:?}");
+    let loss = labels("loss.svg");
+    let steps: Vec<&String> = loss.iter().filter(|t| t.parse::<f64>().is_ok_and(|v| v >= 5.0)).collect();
+    assert!(!steps.is_empty() && steps.iter().all(|t| t.parse::<u64>().is_ok()), "{loss:?}");
     let svg = std::fs::read_to_string(plots.join("confusion.svg")).unwrap();
     let doc = roxmltree::Document::parse(&svg).unwrap();
     let texts: Vec<&str> =

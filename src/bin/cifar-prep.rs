@@ -174,27 +174,19 @@ fn main() {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let input = if !args.download && args.input.is_none() && find_input(&args.out).is_err() {
-        // Nothing to convert: with prepared files here, --preview draws from them.
-        let files = prepared_files(&args.out);
-        let train = files.iter().find(|p| p.to_string_lossy().ends_with("-train.safetensors"));
-        match (train, &args.preview) {
-            (Some(train), Some(png)) => {
-                say!(
-                    "{}: no input to convert; previewing the prepared {}",
-                    args.out.display(),
-                    train.display()
-                );
-                return preview(train, png);
-            }
-            _ => None,
-        }
-    } else {
-        None
-    };
-    let input = if let Some(input) = input {
-        input
-    } else if args.download {
+    // Nothing to convert: with prepared files here, --preview draws from them.
+    if !args.download
+        && args.input.is_none()
+        && find_input(&args.out).is_err()
+        && let Some(png) = &args.preview
+        && let Some(train) = prepared_files(&args.out)
+            .into_iter()
+            .find(|p| p.to_string_lossy().ends_with("-train.safetensors"))
+    {
+        say!("{}: no input to convert; previewing the prepared {}", args.out.display(), train.display());
+        return preview(&train, png);
+    }
+    let input = if args.download {
         let official = match args.dataset {
             Which::Cifar10Python => &download::OFFICIAL[0],
             Which::Cifar10Binary => &download::OFFICIAL[1],
@@ -247,6 +239,11 @@ fn run(args: Args) -> anyhow::Result<()> {
                     input.display()
                 ),
             },
+            (None, _) if summary.image_folder => say!(
+                "{}: an image folder of {} classes, in ImageFolder's order",
+                input.display(),
+                summary.classes.len()
+            ),
             (None, false) => say!(
                 "{}: not an official CIFAR tarball (its size is none of theirs); converted anyway",
                 input.display()

@@ -119,15 +119,9 @@ pub fn is_image_folder(input: &Path) -> Result<bool> {
         InputKind::Dir => Ok(super::tarball::dir_members(input)?.is_empty()),
         kind => {
             let file = std::fs::File::open(input).at(input)?;
-            let reader = std::io::BufReader::new(file);
-            let stream: Box<dyn Read> = if kind == InputKind::Gzip {
-                Box::new(flate2::bufread::GzDecoder::new(reader))
-            } else {
-                Box::new(reader)
-            };
+            let mut archive = open_archive(file, kind == InputKind::Gzip);
             let corrupt =
                 |e: std::io::Error| Error::format(input, format!("corrupt or truncated archive: {e}"));
-            let mut archive = tar::Archive::new(stream);
             for entry in archive.entries().map_err(corrupt)? {
                 let entry = entry.map_err(corrupt)?;
                 if !entry.header().entry_type().is_file() {
@@ -317,11 +311,20 @@ fn up_to_date(input: &Path, name: &str, print: &str, tag: &str, out_dir: &Path) 
         let bytes = std::fs::metadata(&path).ok()?.len();
         out.push(SplitSummary { split, path, images: f.len(), per_class, bytes });
     }
+    out.sort_by_key(|s| (s.split != "train", s.split.clone()));
     let source = super::tarball::SourceInfo {
         name: input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         ..Default::default()
     };
-    Some(PrepSummary { dataset: name.into(), source, classes, splits: out, seconds: 0.0, skipped: true })
+    Some(PrepSummary {
+        dataset: name.into(),
+        source,
+        classes,
+        splits: out,
+        seconds: 0.0,
+        skipped: true,
+        image_folder: true,
+    })
 }
 
 /// One decoded image, or why it could not be.
@@ -526,6 +529,7 @@ pub fn prepare(
         file.persist(&summary.path)?;
         splits.push(summary);
     }
+    splits.sort_by_key(|s| (s.split != "train", s.split.clone()));
     let source = super::tarball::SourceInfo {
         name: input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         ..Default::default()
@@ -537,7 +541,16 @@ pub fn prepare(
         splits,
         seconds: start.elapsed().as_secs_f64(),
         skipped: false,
+        image_folder: true,
     })
+}
+
+/// A (gzipped) tar stream over `reader`, read in large blocks.
+fn open_archive<'a>(reader: impl Read + 'a, gzipped: bool) -> tar::Archive<Box<dyn Read + 'a>> {
+    let reader = std::io::BufReader::with_capacity(1 << 20, reader);
+    let stream: Box<dyn Read + 'a> =
+        if gzipped { Box::new(flate2::bufread::GzDecoder::new(reader)) } else { Box::new(reader) };
+    tar::Archive::new(stream)
 }
 
 /// Calls `visit(components, path for messages, bytes)` for each image member of a (gzipped) tar,
@@ -550,12 +563,8 @@ fn read_archive(
 ) -> Result<()> {
     let file = std::fs::File::open(input).at(input)?;
     progress.set_length(file.metadata().at(input)?.len());
-    let counted = progress.wrap_read(file);
-    let reader = std::io::BufReader::with_capacity(1 << 20, counted);
-    let stream: Box<dyn Read> =
-        if gzipped { Box::new(flate2::bufread::GzDecoder::new(reader)) } else { Box::new(reader) };
+    let mut archive = open_archive(progress.wrap_read(file), gzipped);
     let corrupt = |e: std::io::Error| Error::format(input, format!("corrupt or truncated archive: {e}"));
-    let mut archive = tar::Archive::new(stream);
     for entry in archive.entries().map_err(corrupt)? {
         let mut entry = entry.map_err(corrupt)?;
         if !entry.header().entry_type().is_file() {

@@ -95,6 +95,8 @@ pub struct PrepSummary {
     pub seconds: f64,
     /// True when up-to-date output was found and nothing was converted.
     pub skipped: bool,
+    /// True for an image folder's output (rather than CIFAR batches').
+    pub image_folder: bool,
 }
 
 /// The tensor file of `kind`'s `split` in `dir`: `cifar10-train.safetensors`, ...
@@ -158,7 +160,15 @@ fn up_to_date(input: &Path, print: &str, out_dir: &Path, opts: &PrepOptions) -> 
                 ..Default::default()
             };
             let dataset = kind.name().into();
-            return Ok(Some(PrepSummary { dataset, source, classes, splits, seconds: 0.0, skipped: true }));
+            return Ok(Some(PrepSummary {
+                dataset,
+                source,
+                classes,
+                splits,
+                seconds: 0.0,
+                skipped: true,
+                image_folder: false,
+            }));
         }
     }
     Ok(None)
@@ -332,6 +342,7 @@ fn prepare_cifar(
         splits,
         seconds: start.elapsed().as_secs_f64(),
         skipped: false,
+        image_folder: false,
     })
 }
 

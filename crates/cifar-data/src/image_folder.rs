@@ -1,6 +1,7 @@
 //! A [`Source`] over a folder of images, `root/<class>/*.{png,jpg,...}`, like torchvision's
 //! `ImageFolder`: classes are the sub-folders in sorted order, images are decoded by the
-//! loader's workers with the `image` crate.
+//! loader's workers with `cifar-prep`'s decoder ([`crate::prep::folder::decode`]), so the
+//! values are torchvision's and those of a converted file.
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
@@ -23,8 +24,6 @@ pub struct ImageFolder {
     classes: Vec<String>,
     side: (u32, u32),
     policy: SizePolicy,
-    mean: [f32; 3],
-    std: [f32; 3],
     norm: std::sync::Arc<NormalizeBox>,
 }
 
@@ -67,15 +66,12 @@ impl ImageFolder {
         if samples.is_empty() {
             return Err(Error::format(root, "no images in class sub-folders (expected root/<class>/*.png)"));
         }
-        let (mean, std) = ([0.5; 3], [0.5; 3]);
         Ok(ImageFolder {
             samples,
             classes,
             side: (32, 32),
             policy: SizePolicy::Reject,
-            mean,
-            std,
-            norm: std::sync::Arc::new(NormalizeBox(Normalize::new(mean, std))),
+            norm: std::sync::Arc::new(NormalizeBox(Normalize::new([0.5; 3], [0.5; 3]))),
         })
     }
 
@@ -93,8 +89,6 @@ impl ImageFolder {
 
     /// Per-channel mean and std (of pixel / 255). By default, 0.5 and 0.5.
     pub fn normalize(mut self, mean: [f32; 3], std: [f32; 3]) -> Self {
-        self.mean = mean;
-        self.std = std;
         self.norm = std::sync::Arc::new(NormalizeBox(Normalize::new(mean, std)));
         self
     }

@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use super::layout::{CHANNELS, Records};
 use super::tarball::{InputKind, hex, input_kind};
 use super::writer::{Normalize, TensorFileWriter};
-use super::{FORMAT_VERSION, Norm, PrepOptions, PrepSummary, SplitSummary, StoreDtype, channel_stats};
+use super::{Metadata, Norm, PrepOptions, PrepSummary, SplitSummary, channel_stats};
 use crate::error::{Error, IoContext, Result};
 use crate::store::TensorFile;
 
@@ -499,26 +499,21 @@ pub fn prepare(
         for &l in &r.labels {
             per_class[l as usize] += 1;
         }
-        let meta = HashMap::from([
-            ("format".to_string(), "cifar-fast".to_string()),
-            ("format_version".into(), FORMAT_VERSION.into()),
-            ("dataset".into(), name.clone()),
-            ("split".into(), split.clone()),
-            ("splits".into(), serde_json::to_string(&split_names).unwrap()),
-            ("classes".into(), serde_json::to_string(&classes).unwrap()),
-            ("dtype".into(), opts.dtype.name().into()),
-            ("normalized".into(), (opts.dtype == StoreDtype::F32).to_string()),
-            ("mean".into(), serde_json::to_string(&mean).unwrap()),
-            ("std".into(), serde_json::to_string(&std).unwrap()),
-            (
-                "source".into(),
-                input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-            ),
-            ("source_kind".into(), "image-folder".into()),
-            ("source_official".into(), "false".into()),
-            ("source_fingerprint".into(), print.clone()),
-            ("prep_options".into(), tag.clone()),
-        ]);
+        let mut meta = Metadata {
+            dataset: &name,
+            split,
+            classes: &classes,
+            dtype: opts.dtype,
+            mean,
+            std,
+            source: &input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            official: false,
+            fingerprint: &print,
+            options: &tag,
+        }
+        .into_map();
+        meta.insert("splits".into(), serde_json::to_string(&split_names).unwrap());
+        meta.insert("source_kind".into(), "image-folder".into());
         let images = writer.images();
         let file = writer.finish(meta)?;
         let path = output_path(out_dir, &name, split);

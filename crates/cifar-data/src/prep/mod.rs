@@ -302,22 +302,20 @@ fn prepare_cifar(
     let mut sealed = Vec::new();
     for (split, w) in writers {
         let per_class = written.per_class(split, classes.len());
-        let mut meta = HashMap::from([
-            ("format".to_string(), "cifar-fast".to_string()),
-            ("format_version".into(), FORMAT_VERSION.into()),
-            ("dataset".into(), kind.name().into()),
-            ("split".into(), split.name().into()),
-            ("classes".into(), serde_json::to_string(&classes).unwrap()),
-            ("dtype".into(), opts.dtype.name().into()),
-            ("normalized".into(), (opts.dtype == StoreDtype::F32).to_string()),
-            ("mean".into(), serde_json::to_string(&written.mean).unwrap()),
-            ("std".into(), serde_json::to_string(&written.std).unwrap()),
-            ("source".into(), source.name.clone()),
-            ("source_sha256".into(), source.sha256.clone()),
-            ("source_official".into(), official.is_some().to_string()),
-            ("source_fingerprint".into(), print.clone()),
-            ("prep_options".into(), norm_tag(opts)),
-        ]);
+        let mut meta = Metadata {
+            dataset: kind.name(),
+            split: split.name(),
+            classes: &classes,
+            dtype: opts.dtype,
+            mean: written.mean,
+            std: written.std,
+            source: &source.name,
+            official: official.is_some(),
+            fingerprint: &print,
+            options: &norm_tag(opts),
+        }
+        .into_map();
+        meta.insert("source_sha256".into(), source.sha256.clone());
         if let Some(c) = &coarse {
             meta.insert("coarse_classes".into(), serde_json::to_string(c).unwrap());
         }
@@ -344,6 +342,42 @@ fn prepare_cifar(
         skipped: false,
         image_folder: false,
     })
+}
+
+/// The metadata every tensor file carries, whatever its input.
+pub(crate) struct Metadata<'a> {
+    pub dataset: &'a str,
+    pub split: &'a str,
+    pub classes: &'a [String],
+    pub dtype: StoreDtype,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    /// The input's file name.
+    pub source: &'a str,
+    pub official: bool,
+    /// What "up to date" compares: the input's fingerprint and the options.
+    pub fingerprint: &'a str,
+    pub options: &'a str,
+}
+
+impl Metadata<'_> {
+    pub fn into_map(self) -> HashMap<String, String> {
+        HashMap::from([
+            ("format".to_string(), "cifar-fast".to_string()),
+            ("format_version".into(), FORMAT_VERSION.into()),
+            ("dataset".into(), self.dataset.into()),
+            ("split".into(), self.split.into()),
+            ("classes".into(), serde_json::to_string(self.classes).unwrap()),
+            ("dtype".into(), self.dtype.name().into()),
+            ("normalized".into(), (self.dtype == StoreDtype::F32).to_string()),
+            ("mean".into(), serde_json::to_string(&self.mean).unwrap()),
+            ("std".into(), serde_json::to_string(&self.std).unwrap()),
+            ("source".into(), self.source.into()),
+            ("source_official".into(), self.official.to_string()),
+            ("source_fingerprint".into(), self.fingerprint.into()),
+            ("prep_options".into(), self.options.into()),
+        ])
+    }
 }
 
 /// What the writer thread reports back.

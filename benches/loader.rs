@@ -22,8 +22,12 @@ fn arg(args: &[String], name: &str, default: &str) -> String {
     args.iter().position(|a| a == name).map_or(default.to_string(), |i| args[i + 1].clone())
 }
 
+/// The same allocator as `cifar-train`, the loader's user here, so its figures are measured alike.
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() {
-    cifar_fast::train::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let data = std::path::PathBuf::from(arg(&args, "--data", "data"));
     let mode = arg(&args, "--mode", "loader");

@@ -236,22 +236,71 @@ fn pinned_batches_reach_cuda_intact() {
     }
     let data = dataset("loader_cuda");
     let cpu = collect(Loader::builder(data.clone()).seed(2).batch_size(16).build().unwrap().iter());
-    let mut l = Loader::builder(data).seed(2).batch_size(16).device(tch::Device::Cuda(0)).build().unwrap();
-    for _ in 0..3 {
-        // Several epochs, so that pinned buffers are reused after synchronisation.
+    let mut l = Loader::builder(data)
+        .seed(2)
+        .batch_size(16)
+        .prefetch(2)
+        .device(tch::Device::Cuda(0))
+        .build()
+        .unwrap();
+    for epoch in 0..3 {
+        // Every device batch of the epoch is kept, unread, until the epoch ends: a pinned buffer
+        // refilled before its copy had completed would show in an earlier batch, and nothing
+        // waits for the device between batches (no blocking copy back) to hide it. Three
+        // epochs of 7 batches reuse the pool of 2 + 1 + 2 buffers many times.
         let gpu: Vec<_> = l
             .epoch(0)
             .map(|b| {
                 let b = b.unwrap();
                 assert!(b.images.device().is_cuda());
-                (
-                    b.indices.clone(),
-                    Vec::<f32>::try_from(b.images.flatten(0, -1).to_device(tch::Device::Cpu)).unwrap(),
-                )
+                (b.indices.clone(), b.images.shallow_clone(), b.labels.shallow_clone())
             })
             .collect();
-        for (g, c) in gpu.iter().zip(&cpu) {
-            assert_eq!((&g.0, &g.1), (&c.0, &c.1));
+        assert_eq!(gpu.len(), cpu.len(), "epoch {epoch}: a batch is missing");
+        for (k, ((indices, images, labels), c)) in gpu.iter().zip(&cpu).enumerate() {
+            let images = Vec::<f32>::try_from(images.flatten(0, -1).to_device(tch::Device::Cpu)).unwrap();
+            let labels = Vec::<i64>::try_from(labels.to_device(tch::Device::Cpu)).unwrap();
+            assert_eq!((indices, &images, &labels), (&c.0, &c.1, &c.2), "epoch {epoch}, batch {k}");
+        }
+    }
+}
+
+#[test]
+fn a_batch_is_the_users_views_and_saved_tensors_keep_their_values() {
+    let data = dataset("loader_views");
+    for workers in [0, 2] {
+        let mut l =
+            Loader::builder(data.clone()).batch_size(8).num_workers(workers).prefetch(2).build().unwrap();
+        let mut epoch = l.epoch(0);
+        let first = epoch.next().unwrap().unwrap();
+        let expected = first.images.copy();
+        // A shallow clone, a narrowed view, and a tensor autograd saves for the backward pass.
+        let clone = first.images.shallow_clone();
+        let view = first.images.narrow(0, 2, 3);
+        let w =
+            tch::Tensor::ones([1, 3, 32, 32], (tch::Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let product = (&first.images * &w).sum(tch::Kind::Float);
+        drop(first);
+        // The workers go on filling every later batch of the epoch (and the next epoch's).
+        let later: Vec<_> = epoch.by_ref().map(|b| b.unwrap().images.copy()).collect();
+        drop(epoch);
+        let _ = collect(l.epoch(1));
+        assert_eq!(later.len(), 12);
+        assert!(clone.equal(&expected), "{workers} workers: a shallow clone changed");
+        assert!(view.equal(&expected.narrow(0, 2, 3)), "{workers} workers: a view changed");
+        product.backward();
+        let grad = w.grad();
+        assert!(grad.allclose(&expected.sum_dim_intlist(0, true, tch::Kind::Float), 1e-5, 1e-5, false));
+    }
+}
+
+#[test]
+fn devices_other_than_cpu_and_cuda_are_refused_at_build() {
+    let data = dataset("loader_devices");
+    for device in [tch::Device::Mps, tch::Device::Vulkan] {
+        match Loader::builder(data.clone()).device(device).build() {
+            Err(Error::Config(msg)) => assert!(msg.contains("CPU and CUDA only"), "{msg}"),
+            other => panic!("{device:?} was not refused: {:?}", other.map(|_| ())),
         }
     }
 }

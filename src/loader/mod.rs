@@ -5,12 +5,16 @@
 //!  consumer (Epoch::next)                      workers ×N
 //!   sampler → (seq, indices) + free slot ──jobs──▶ gather + augment into the slot
 //!   reorder by seq ◀──────────────────────done── (seq, slot) | (seq, slot, error)
-//!   Batch { images, labels } ─▶ training step; slot back to the pool
+//!   Batch { images, labels } ─▶ training step (the batch owns its memory)
 //! ```
 //!
 //! The consumer pairs each job with a slot in sequence order, so slots are never held by a
 //! later batch while an earlier one waits (no deadlock however the workers are scheduled), and
 //! at most `prefetch` batches are dispatched ahead of the one being consumed (bounded memory).
+//! On the CPU each slot is a fresh libtorch allocation that becomes the batch's tensors, so no
+//! worker ever writes memory a user's tensor can see; the allocator (jemalloc in
+//! `cifar-train`) hands the same blocks back batch after batch. On CUDA the slots are a pool
+//! of pinned staging buffers, each reused only after its copy to the device is complete.
 mod slots;
 mod worker;
 
@@ -30,10 +34,10 @@ use crate::source::Source;
 
 /// One batch, as the model receives it.
 ///
-/// On the CPU, `images` and `labels` are views of the loader's buffer (no copy was made): they
-/// are valid while the `Batch` lives, and the buffer is reused once it is dropped, so
-/// `shallow_clone` them only for the step at hand (`copy()` what you keep). On CUDA they are
-/// device tensors of their own.
+/// Its tensors are the user's: nothing the loader does later writes memory they (or views of
+/// them, shallow clones, tensors autograd saved) can see. On the CPU the workers filled a fresh
+/// libtorch allocation for this batch, freed when its last tensor goes; on CUDA they are
+/// device tensors of their own, copied from a pinned staging buffer.
 pub struct Batch {
     /// `[B, C, H, W]` f32, normalized (and augmented), on the loader's device.
     pub images: Tensor,
@@ -43,7 +47,6 @@ pub struct Batch {
     pub indices: Vec<usize>,
     copy_time: std::time::Duration,
     sync_time: std::time::Duration,
-    home: Option<(Slot, Sender<Slot>)>,
 }
 
 impl Batch {
@@ -73,14 +76,6 @@ impl Batch {
 impl std::fmt::Debug for Batch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Batch").field("images", &self.images.size()).field("indices", &self.indices).finish()
-    }
-}
-
-impl Drop for Batch {
-    fn drop(&mut self) {
-        if let Some((slot, pool)) = self.home.take() {
-            let _ = pool.send(slot);
-        }
     }
 }
 
@@ -139,8 +134,8 @@ impl LoaderBuilder {
         self
     }
 
-    /// Where batches go; on CUDA the host buffers are pinned and copied asynchronously.
-    /// By default, the CPU.
+    /// Where batches go: the CPU, or a CUDA device (the host buffers are then pinned and
+    /// copied asynchronously). Other devices are refused by `build`. By default, the CPU.
     pub fn device(mut self, device: Device) -> Self {
         self.device = device;
         self
@@ -170,6 +165,12 @@ impl LoaderBuilder {
     pub fn build(self) -> Result<Loader> {
         if self.batch_size == 0 {
             return Err(Error::Config("batch_size must be at least 1".into()));
+        }
+        if !matches!(self.device, Device::Cpu | Device::Cuda(_)) {
+            return Err(Error::Config(format!(
+                "device {:?}: the loader serves the CPU and CUDA only",
+                self.device
+            )));
         }
         let batch_bytes = self.batch_size * self.source.sample_shape().iter().product::<usize>() * 4;
         let prefetch =
@@ -207,6 +208,7 @@ impl LoaderBuilder {
             source: self.source,
             augment: self.augment,
             seed: self.seed,
+            batch_size: self.batch_size,
         };
         let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job>();
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
@@ -236,13 +238,15 @@ impl LoaderBuilder {
             next_epoch: self.start.0,
             skip: self.start.1,
         };
-        // The pool a steady epoch needs, allocated now rather than inside the first steps
-        // (pinning costs milliseconds a buffer): `prefetch` on their way and one with the
-        // consumer; on CUDA also the buffers whose copies await their synchronisation.
-        let steady = prefetch + if loader.device.is_cuda() { loader.max_in_flight() } else { 1 };
-        for _ in 0..steady {
-            let slot = loader.new_slot();
-            let _ = loader.free_tx.send(slot);
+        // CUDA: the pinned pool a steady epoch needs, allocated now rather than inside the
+        // first steps (pinning costs milliseconds a buffer): `prefetch` on their way, one being
+        // copied, and those whose copies await their synchronisation. (The CPU has no pool:
+        // each batch is a fresh allocation its tensors own.)
+        if loader.device.is_cuda() {
+            for _ in 0..prefetch + 1 + loader.max_in_flight() {
+                let slot = loader.new_slot();
+                let _ = loader.free_tx.send(slot);
+            }
         }
         Ok(loader)
     }
@@ -294,11 +298,11 @@ pub struct Loader {
     /// Closed on drop, which is what stops the workers.
     jobs: Option<Sender<Job>>,
     done: Receiver<Done>,
-    /// The pool: slots come back here from dropped batches (CPU) or after a sync (CUDA).
+    /// CUDA's pool of pinned slots: back here after the sync that follows their copy (or
+    /// unused, when an epoch ends early or a batch failed).
     free_tx: Sender<Slot>,
     free_rx: Receiver<Slot>,
-    /// Slots allocated so far (the pool grows past its first size only while the consumer
-    /// keeps batches).
+    /// Pinned slots allocated so far (CUDA; 0 on the CPU).
     slots: usize,
     /// CUDA only: slots whose non-blocking copy was issued but not yet synchronised.
     in_flight: Vec<Slot>,
@@ -354,8 +358,9 @@ impl Loader {
         self.len() == 0
     }
 
-    /// Host buffers allocated so far: `prefetch` and one for the consumer (on CUDA, and the
-    /// buffers of copies in flight), more if the consumer keeps batches.
+    /// Pinned staging buffers allocated for CUDA (made at build: `prefetch`, one being copied
+    /// and the copies in flight). 0 on the CPU, where every batch is a fresh allocation that
+    /// its tensors own, so at most `prefetch` exist beside those the consumer keeps.
     pub fn buffers(&self) -> usize {
         self.slots
     }
@@ -389,10 +394,14 @@ impl Loader {
         }
     }
 
-    /// A free slot: from the pool, else by synchronising outstanding copies, else a new one.
-    fn take_slot(&mut self) -> Slot {
+    /// A slot to fill: on the CPU none (the worker allocates a fresh one); on CUDA one from
+    /// the pool, else by synchronising outstanding copies, else a new one.
+    fn take_slot(&mut self) -> Option<Slot> {
+        if self.device == Device::Cpu {
+            return None;
+        }
         if let Ok(slot) = self.free_rx.try_recv() {
-            return slot;
+            return Some(slot);
         }
         // The copies read pinned memory after `to_device_` returned; tch offers no CUDA events
         // to wait for one copy, so we wait for the device (which follows every copy issued) and
@@ -408,9 +417,9 @@ impl Loader {
             for s in self.in_flight.drain(..) {
                 let _ = self.free_tx.send(s);
             }
-            return slot;
+            return Some(slot);
         }
-        self.new_slot()
+        Some(self.new_slot())
     }
 
     /// CUDA: copies left in flight before one synchronisation frees their buffers.
@@ -418,10 +427,17 @@ impl Loader {
         self.prefetch.max(2)
     }
 
+    /// A new pinned slot for the CUDA pool.
     fn new_slot(&mut self) -> Slot {
         self.slots += 1;
-        let pin = self.device.is_cuda().then_some(self.device);
-        Slot::new(self.sampler.batch_size, self.recipe.shape, pin)
+        Slot::new(self.sampler.batch_size, self.recipe.shape, Some(self.device))
+    }
+
+    /// A slot no batch will hand out: back to CUDA's pool (on the CPU it is simply freed).
+    fn recycle(&self, slot: Slot) {
+        if self.device.is_cuda() {
+            let _ = self.free_tx.send(slot);
+        }
     }
 }
 
@@ -517,7 +533,7 @@ impl Iterator for Epoch<'_> {
         self.yielded += 1;
         if let Err(e) = done.result {
             self.failed = true;
-            let _ = self.loader.free_tx.send(done.slot);
+            self.loader.recycle(done.slot);
             return Some(Err(e));
         }
         // Refill before handing over, so the workers run while the consumer computes.
@@ -528,20 +544,14 @@ impl Iterator for Epoch<'_> {
         let indices = std::mem::take(&mut slot.indices);
         let sync_time = std::mem::take(&mut self.loader.synced);
         let batch = match self.loader.device {
-            Device::Cpu => Batch {
-                images,
-                labels,
-                indices,
-                copy_time: Default::default(),
-                sync_time,
-                home: Some((slot, self.loader.free_tx.clone())),
-            },
+            // The views keep the slot's memory alive; the slot itself is never filled again.
+            Device::Cpu => Batch { images, labels, indices, copy_time: Default::default(), sync_time },
             device => {
                 let t = std::time::Instant::now();
                 let images = images.to_device_(device, tch::Kind::Float, true, false);
                 let labels = labels.to_device_(device, tch::Kind::Int64, true, false);
                 self.loader.in_flight.push(slot);
-                Batch { images, labels, indices, copy_time: t.elapsed(), sync_time, home: None }
+                Batch { images, labels, indices, copy_time: t.elapsed(), sync_time }
             }
         };
         Some(Ok(batch))
@@ -558,12 +568,12 @@ impl Drop for Epoch<'_> {
     fn drop(&mut self) {
         let mut outstanding = self.dispatched - self.yielded - self.ready.len();
         for (_, done) in std::mem::take(&mut self.ready) {
-            let _ = self.loader.free_tx.send(done.slot);
+            self.loader.recycle(done.slot);
         }
         while outstanding > 0 {
             match self.loader.done.recv() {
                 Ok(done) => {
-                    let _ = self.loader.free_tx.send(done.slot);
+                    self.loader.recycle(done.slot);
                     outstanding -= 1;
                 }
                 Err(_) => break,

@@ -1,5 +1,6 @@
-//! The batch buffers the workers fill: host tensors allocated once and reused, page-locked
-//! ("pinned") when batches go to a CUDA device so the copy can run asynchronously.
+//! The batch buffers the workers fill: host tensors libtorch owns. For the CPU a fresh pair
+//! for every batch, which the batch's tensors then keep alive however long the user does; for
+//! CUDA page-locked ("pinned") staging buffers, reused once their asynchronous copy is done.
 use tch::{Device, Kind, Tensor};
 
 /// One batch's host memory: `images [capacity, C, H, W]` f32 and `labels [capacity]` i64.
@@ -15,11 +16,12 @@ pub(crate) struct Slot {
 }
 
 impl Slot {
-    /// A zeroed buffer for `capacity` samples of `shape`; pinned for `pin_for` (a CUDA device).
+    /// A buffer for `capacity` samples of `shape`; pinned for `pin_for` (a CUDA device).
+    /// Not zeroed: only the filled part (`len` samples, all written) is ever read.
     pub fn new(capacity: usize, shape: [usize; 3], pin_for: Option<Device>) -> Self {
         let dims = [capacity as i64, shape[0] as i64, shape[1] as i64, shape[2] as i64];
-        let mut images = Tensor::zeros(dims, (Kind::Float, Device::Cpu));
-        let mut labels = Tensor::zeros([capacity as i64], (Kind::Int64, Device::Cpu));
+        let mut images = Tensor::empty(dims, (Kind::Float, Device::Cpu));
+        let mut labels = Tensor::empty([capacity as i64], (Kind::Int64, Device::Cpu));
         if let Some(device) = pin_for {
             images = images.pin_memory(device);
             labels = labels.pin_memory(device);
@@ -39,8 +41,10 @@ impl Slot {
     pub fn images_mut(&mut self) -> &mut [f32] {
         // SAFETY: `images` is a contiguous f32 CPU tensor of `capacity * sample` elements that
         // this slot owns and keeps alive; the slot is `&mut`, so exactly one thread writes it,
-        // and no `Batch` view of it exists while it is being filled (a slot is filled only
-        // after it came back from the consumer or its device copy was synchronised).
+        // and no other tensor shares its memory while it is being filled: a CPU slot is filled
+        // once, before any view of it is made (its views go to one `Batch`, and the slot is
+        // never filled again), and a pinned slot's only reader is its device copy, which is
+        // known complete before the slot is reused.
         unsafe {
             std::slice::from_raw_parts_mut(self.images.data_ptr() as *mut f32, self.capacity * self.sample)
         }

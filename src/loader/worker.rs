@@ -11,12 +11,14 @@ use crate::augment::Augment;
 use crate::error::{Error, Result};
 use crate::source::Source;
 
-/// A batch to make: its place in the epoch, the samples, and where to put them.
+/// A batch to make: its place in the epoch, the samples, and where to put them: a pinned slot
+/// of the pool (CUDA), or `None` for a fresh one the worker allocates (CPU), off the consumer's
+/// thread.
 pub(crate) struct Job {
     pub seq: usize,
     pub epoch: u64,
     pub indices: Vec<usize>,
-    pub slot: Slot,
+    pub slot: Option<Slot>,
 }
 
 /// A worker's answer: the slot, filled or not.
@@ -33,12 +35,15 @@ pub(crate) struct Recipe {
     pub augment: Augment,
     pub seed: u64,
     pub shape: [usize; 3],
+    /// Samples a slot holds.
+    pub batch_size: usize,
 }
 
 impl Recipe {
     /// Fills `job.slot`, turning a failure or panic on a sample into an error that names it.
     pub fn run(&self, job: Job, scratch: &mut Vec<f32>) -> Done {
-        let Job { seq, epoch, indices, mut slot } = job;
+        let Job { seq, epoch, indices, slot } = job;
+        let mut slot = slot.unwrap_or_else(|| Slot::new(self.batch_size, self.shape, None));
         let current = Cell::new(None);
         let result =
             catch_unwind(AssertUnwindSafe(|| self.fill(epoch, &indices, &mut slot, scratch, &current)));

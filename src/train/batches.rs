@@ -11,7 +11,7 @@ use super::checkpoint::Position;
 use super::resident::{EpochPlan, Resident};
 use crate::augment::Augment;
 use crate::error::Result;
-use crate::loader::{Batch, Epoch, Loader};
+use crate::loader::{Epoch, Loader};
 use crate::sampler::Sampler;
 use crate::source::{Dataset, Source};
 
@@ -36,8 +36,6 @@ pub struct Fetched {
     /// Host time spent, while fetching it, waiting for the device's earlier work: the device
     /// computing, not the data late.
     pub device_wait: Duration,
-    /// The loader's buffer under `images` and `labels`, freed for reuse when this is dropped.
-    _buffer: Option<Batch>,
 }
 
 impl Batches {
@@ -107,24 +105,16 @@ impl Iterator for EpochBatches<'_> {
     fn next(&mut self) -> Option<Result<Fetched>> {
         match self {
             EpochBatches::Pipelined(epoch) => Some(epoch.next()?.map(|b| Fetched {
-                images: b.images.shallow_clone(),
-                labels: b.labels.shallow_clone(),
                 len: b.len(),
                 copy: b.copy_time(),
                 device_wait: b.sync_time(),
-                _buffer: Some(b),
+                images: b.images,
+                labels: b.labels,
             })),
             EpochBatches::Resident { data, plan, steps } => {
                 let (images, labels) = data.batch(plan, steps.next()?);
                 let len = labels.size()[0] as usize;
-                Some(Ok(Fetched {
-                    images,
-                    labels,
-                    len,
-                    copy: Duration::ZERO,
-                    device_wait: Duration::ZERO,
-                    _buffer: None,
-                }))
+                Some(Ok(Fetched { images, labels, len, copy: Duration::ZERO, device_wait: Duration::ZERO }))
             }
         }
     }

@@ -286,7 +286,7 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
             running.add(&loss);
             window.add(&loss);
             let (n, copy) = (batch.len, batch.copy);
-            drop(batch); // the loader may refill its buffer now
+            drop(batch);
             let now = Instant::now();
             times.add(waited, copy, (now - t0).saturating_sub(waited + copy), now - last, n);
             last = now;

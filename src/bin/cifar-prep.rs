@@ -147,6 +147,15 @@ fn prepared_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// The official tarball `--download` fetches for `--dataset`.
+fn official(which: Which) -> &'static download::Official {
+    match which {
+        Which::Cifar10Python => &download::OFFICIAL[0],
+        Which::Cifar10Binary => &download::OFFICIAL[1],
+        Which::Cifar100Python => &download::OFFICIAL[2],
+    }
+}
+
 fn find_input(dir: &Path) -> anyhow::Result<PathBuf> {
     for name in CANDIDATES {
         let p = dir.join(name);
@@ -174,6 +183,19 @@ fn main() {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    // Ctrl-C or SIGTERM: no temporary file is left behind (the finished files are renamed into
+    // place whole, so earlier output stays as it was).
+    let out = args.out.clone();
+    let part = args.download.then(|| download::part_path(&args.out.join(official(args.dataset).file)));
+    ctrlc::set_handler(move || {
+        prep::remove_own_temporaries(&out);
+        if let Some(p) = &part {
+            let _ = std::fs::remove_file(p);
+        }
+        eprintln!("cifar-prep: interrupted; temporary files removed");
+        std::process::exit(130);
+    })
+    .context("installing the Ctrl-C handler")?;
     // Nothing to convert: with prepared files here, --preview draws from them.
     if !args.download
         && args.input.is_none()
@@ -187,11 +209,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         return preview(&train, png);
     }
     let input = if args.download {
-        let official = match args.dataset {
-            Which::Cifar10Python => &download::OFFICIAL[0],
-            Which::Cifar10Binary => &download::OFFICIAL[1],
-            Which::Cifar100Python => &download::OFFICIAL[2],
-        };
+        let official = official(args.dataset);
         let url = args.url.as_deref().unwrap_or(official.url);
         let md5 = args.md5.as_deref().unwrap_or(official.md5);
         std::fs::create_dir_all(&args.out).with_context(|| format!("{}", args.out.display()))?;

@@ -26,7 +26,7 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// like `download=True`), CUDA when available, and the tutorial's settings (batch 4, 10
 /// epochs, SGD lr 0.001 momentum 0.9).
 #[derive(Parser, Debug)]
-#[command(name = "cifar-train", version, about)]
+#[command(name = "cifar-train", version, about, args_override_self = true)]
 struct Args {
     /// The data directory (torchvision's `root`): the tensor files, or a tarball to make them.
     /// With neither, CIFAR-10 is downloaded into it.
@@ -49,13 +49,13 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     epochs: u64,
     /// Learning rate.
-    #[arg(long, default_value_t = 0.001)]
+    #[arg(long, default_value_t = 0.001, allow_negative_numbers = true)]
     lr: f64,
     /// SGD momentum.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
     momentum: f64,
     /// L2 weight decay.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     weight_decay: f64,
     /// Loader threads (0: load on the training thread).
     #[arg(long, default_value_t = 2)]
@@ -98,7 +98,7 @@ struct Args {
     #[arg(long)]
     log_every: Option<usize>,
     /// CPU threads for libtorch (default: libtorch's choice).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     threads: Option<i32>,
     /// Stop after N steps in all (checkpointing first, if --checkpoint), then evaluate.
     #[arg(long)]
@@ -305,6 +305,9 @@ impl Progress for Report {
 fn main() {
     let args = common::parse_args::<Args>();
     if let Err(e) = run(args) {
+        if matches!(e.downcast_ref::<cifar_fast::Error>(), Some(cifar_fast::Error::Interrupted)) {
+            std::process::exit(130);
+        }
         eprintln!("cifar-train: error: {e:#}");
         std::process::exit(1);
     }
@@ -314,40 +317,17 @@ fn main() {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    if args.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
     let device = parse_device(&args.device)?;
     if let Some(n) = args.threads {
         tch::set_num_threads(n);
     }
-    // Paths are checked before any data is fetched, prepared or trained on.
-    for (flag, path) in
-        [("--metrics", &args.metrics), ("--export", &args.export), ("--preview-batch", &args.preview_batch)]
-    {
-        if let Some(p) = path
-            && let Some(parent) = p.parent().filter(|d| !d.as_os_str().is_empty())
-            && !parent.is_dir()
-        {
-            bail!("{flag} {}: the directory {} does not exist", p.display(), parent.display());
-        }
-    }
-    if let Some(dir) = args.checkpoint.as_ref().filter(|_| !args.resume && !args.overwrite)
-        && train::checkpoint::path_in(dir).exists()
-    {
-        bail!(
-            "{} holds a checkpoint: continue it with --resume, or start afresh over it with --overwrite",
-            dir.display()
-        );
-    }
-    let (train_path, test_path) = find_data(&args)?;
     let resident = match args.resident {
         Resident::On => true,
         Resident::Off => false,
         // CIFAR-10 is 614 MB as f32 (154 MB as u8): it fits any CUDA device we would train on.
         Resident::Auto => device.is_cuda(),
     };
-    let cfg = TrainConfig {
+    let mut cfg = TrainConfig {
         model: match args.model {
             ModelArg::Lenet => ModelKind::Lenet,
             ModelArg::Resnet => ModelKind::Resnet,
@@ -370,12 +350,26 @@ fn run(args: Args) -> anyhow::Result<()> {
         eval: !args.no_eval,
         export: args.export.clone(),
         metrics: args.metrics.clone(),
-        log_every: args.log_every.unwrap_or((8000 / args.batch_size).max(1)),
+        log_every: args.log_every.unwrap_or(8000usize.checked_div(args.batch_size).unwrap_or(1).max(1)),
         max_steps: args.max_steps,
         preview_batch: args.preview_batch.clone(),
         plot: args.plot.clone(),
-        ..TrainConfig::tutorial(train_path, Some(test_path))
+        ..TrainConfig::tutorial(PathBuf::new(), None)
     };
+    // Settings and paths are checked before any data is fetched, prepared or trained on.
+    cfg.check()?;
+    for (flag, path) in
+        [("--metrics", &args.metrics), ("--export", &args.export), ("--preview-batch", &args.preview_batch)]
+    {
+        if let Some(p) = path
+            && let Some(parent) = p.parent().filter(|d| !d.as_os_str().is_empty())
+            && !parent.is_dir()
+        {
+            bail!("{flag} {}: the directory {} does not exist", p.display(), parent.display());
+        }
+    }
+    let (train_path, test_path) = find_data(&args)?;
+    (cfg.train, cfg.test) = (train_path, Some(test_path));
     ctrlc::set_handler(|| {
         eprintln!("\ninterrupted: finishing this step, then checkpointing");
         train::INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);

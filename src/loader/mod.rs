@@ -122,7 +122,7 @@ impl LoaderBuilder {
 
     /// Batches made ahead of the one being consumed. By default, [`default_prefetch`]: at
     /// least 4 batches and at least 64 samples, and for CPU training no more than 2 MiB of
-    /// batches (at least one).
+    /// batches (at least one). Never more than an epoch's batches; 0 is refused by `build`.
     pub fn prefetch(mut self, n: usize) -> Self {
         self.prefetch = Some(n);
         self
@@ -172,10 +172,7 @@ impl LoaderBuilder {
                 self.device
             )));
         }
-        let batch_bytes = self.batch_size * self.source.sample_shape().iter().product::<usize>() * 4;
-        let prefetch =
-            self.prefetch.unwrap_or_else(|| default_prefetch(self.batch_size, batch_bytes, self.device));
-        if prefetch == 0 {
+        if self.prefetch == Some(0) {
             return Err(Error::Config("prefetch must be at least 1".into()));
         }
         if self.world == 0 || self.rank >= self.world {
@@ -196,6 +193,14 @@ impl LoaderBuilder {
             rank: self.rank,
             world: self.world,
         };
+        // A batch never holds more than a shard's samples, however large `batch_size` is, and
+        // no more batches are made ahead than an epoch has.
+        let capacity = self.batch_size.min(self.source.len().div_ceil(self.world));
+        let batch_bytes = capacity * self.source.sample_shape().iter().product::<usize>() * 4;
+        let prefetch = self
+            .prefetch
+            .unwrap_or_else(|| default_prefetch(capacity, batch_bytes, self.device))
+            .min(sampler.batches_per_epoch().max(1));
         if self.start.1 > sampler.batches_per_epoch() {
             return Err(Error::Config(format!(
                 "start step {} is past the epoch's {} batches",
@@ -208,7 +213,7 @@ impl LoaderBuilder {
             source: self.source,
             augment: self.augment,
             seed: self.seed,
-            batch_size: self.batch_size,
+            batch_size: capacity,
         };
         let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job>();
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
@@ -430,7 +435,7 @@ impl Loader {
     /// A new pinned slot for the CUDA pool.
     fn new_slot(&mut self) -> Slot {
         self.slots += 1;
-        Slot::new(self.sampler.batch_size, self.recipe.shape, Some(self.device))
+        Slot::new(self.recipe.batch_size, self.recipe.shape, Some(self.device))
     }
 
     /// A slot no batch will hand out: back to CUDA's pool (on the CPU it is simply freed).

@@ -219,6 +219,7 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
     check(cfg)?;
     let train = Arc::new(Dataset::open(&cfg.train)?);
     let test = cfg.test.as_ref().map(Dataset::open).transpose()?.map(Arc::new);
+    check_splits(cfg, &train, test.as_deref())?;
     let classes = train.classes();
     if cfg.model == ModelKind::Lenet && train.sample_shape() != [3, 32, 32] {
         return Err(Error::Config(format!(
@@ -261,7 +262,9 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
         (cfg.epochs.saturating_sub(pos.epoch) as usize * batches.per_epoch()).saturating_sub(pos.step);
     progress.run(cfg.max_steps.map_or(remaining, |m| remaining.min(m.saturating_sub(pos.global_step))));
 
-    'epochs: while pos.epoch < cfg.epochs {
+    // `--max-steps 0` (or a resumed run already past it) trains no step.
+    let no_steps = cfg.max_steps.is_some_and(|m| pos.global_step >= m);
+    'epochs: while pos.epoch < cfg.epochs && !no_steps {
         let epoch = pos.epoch;
         progress.epoch(epoch, batches.per_epoch() - pos.step);
         let mut running = RunningLoss::new(cfg.device);
@@ -335,12 +338,25 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
         record.epoch_seconds.push(times.total.as_secs_f64());
         record.times.merge(&times);
         pos = Position { epoch: epoch + 1, step: 0, global_step: pos.global_step };
-        if let Some(test) = test.as_ref().filter(|_| cfg.eval) {
-            let e = evaluate(&*net, test, cfg.batch_size.max(500), cfg.workers, cfg.device)?;
-            record.evaluation(progress, epoch, e, &times)?;
-        }
         if let Some(dir) = &cfg.checkpoint {
             save(dir, &vs, &opt, &settings, pos)?;
+        }
+        if let Some(test) = test.as_ref().filter(|_| cfg.eval) {
+            match evaluate(&*net, test, cfg.batch_size.max(500), cfg.workers, cfg.device) {
+                Ok(e) => record.evaluation(progress, epoch, e, &times)?,
+                // Ctrl-C during the evaluation: the epoch is checkpointed, the run ends now.
+                Err(Error::Interrupted) => {
+                    record.stopped_early = pos.epoch < cfg.epochs;
+                    break 'epochs;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    if no_steps {
+        record.stopped_early = true;
+        if let Some(test) = test.as_ref().filter(|_| cfg.eval) {
+            record.eval = Some(evaluate(&*net, test, cfg.batch_size.max(500), cfg.workers, cfg.device)?);
         }
     }
     if let Some(dir) = &cfg.plot {
@@ -453,10 +469,30 @@ impl RunningLoss {
     }
 }
 
+impl TrainConfig {
+    /// Refuses settings that cannot work, before any data is read (`run` calls it first; a
+    /// front end may call it before fetching or preparing data).
+    pub fn check(&self) -> Result<()> {
+        check(self)
+    }
+}
+
 /// The settings `run` refuses before touching any data.
 fn check(cfg: &TrainConfig) -> Result<()> {
     if cfg.batch_size == 0 {
         return Err(Error::Config("--batch-size must be at least 1".into()));
+    }
+    for (flag, value, ok) in [
+        ("--lr", cfg.lr, cfg.lr >= 0.0),
+        ("--momentum", cfg.momentum, cfg.momentum >= 0.0),
+        ("--weight-decay", cfg.weight_decay, cfg.weight_decay >= 0.0),
+    ] {
+        if !(ok && value.is_finite()) {
+            return Err(Error::Config(format!("{flag} {value}: must be a finite number, 0 or more")));
+        }
+    }
+    if cfg.prefetch == Some(0) {
+        return Err(Error::Config("--prefetch must be at least 1".into()));
     }
     if cfg.log_every == 0 {
         return Err(Error::Config("--log-every must be at least 1".into()));
@@ -476,6 +512,39 @@ fn check(cfg: &TrainConfig) -> Result<()> {
             "CUDA device {i} does not exist ({} CUDA devices here)",
             tch::Cuda::device_count()
         )));
+    }
+    Ok(())
+}
+
+/// Refuses splits that cannot train or be evaluated together: an empty one, or a test split
+/// whose classes are not the training split's.
+fn check_splits(cfg: &TrainConfig, train: &Dataset, test: Option<&Dataset>) -> Result<()> {
+    if train.is_empty() {
+        return Err(Error::format(&cfg.train, "holds no images"));
+    }
+    let Some(test) = test else { return Ok(()) };
+    let path = cfg.test.as_deref().unwrap_or(std::path::Path::new("test split"));
+    if test.is_empty() {
+        return Err(Error::format(path, "holds no images"));
+    }
+    let (a, b) = (train.classes(), test.classes());
+    if !a.is_empty() && !b.is_empty() && a != b {
+        return Err(Error::format(
+            path,
+            format!("names {} classes, the training split {}: they are not one dataset", b.len(), a.len()),
+        ));
+    }
+    let count =
+        |d: &Dataset| d.classes().len().max(1 + *d.file().labels().iter().max().unwrap_or(&0) as usize);
+    if count(test) > count(train) {
+        return Err(Error::format(
+            path,
+            format!(
+                "has labels up to {}, beyond the training split's {} classes",
+                count(test) - 1,
+                count(train)
+            ),
+        ));
     }
     Ok(())
 }
@@ -723,7 +792,8 @@ fn load_weights(vs: &nn::VarStore, weights: Vec<(String, Tensor)>) -> std::resul
     })
 }
 
-/// Accuracy on `test`, overall and per class, and the confusion matrix.
+/// Accuracy on `test`, overall and per class, and the confusion matrix. Ends with
+/// [`Error::Interrupted`] as soon as [`INTERRUPTED`] is set.
 pub fn evaluate(
     net: &dyn nn::ModuleT,
     test: &Arc<Dataset>,
@@ -742,6 +812,10 @@ pub fn evaluate(
         .build()?;
     tch::no_grad(|| -> Result<()> {
         for b in loader.iter() {
+            // Acted on within a batch: a Ctrl-C need not wait for the whole test split.
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                return Err(Error::Interrupted);
+            }
             let b = b?;
             let pred = net.forward_t(&b.images, false).argmax(1, false).to_device(Device::Cpu);
             let pred = Vec::<i64>::try_from(&pred).expect("i64 predictions");

@@ -38,6 +38,9 @@ pub enum Error {
         /// What went wrong.
         msg: String,
     },
+    /// The user interrupted the work (Ctrl-C, SIGTERM).
+    #[error("interrupted")]
+    Interrupted,
     /// A download failed.
     #[error("download of {url} failed: {msg}")]
     Download {

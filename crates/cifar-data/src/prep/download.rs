@@ -52,6 +52,13 @@ pub fn official_by_md5(md5: &str) -> Option<&'static Official> {
     OFFICIAL.iter().find(|o| o.md5 == md5)
 }
 
+/// The file a download into `dest` is written to until it is whole and checked.
+pub fn part_path(dest: &Path) -> PathBuf {
+    let mut name = dest.file_name().unwrap_or_default().to_os_string();
+    name.push(".part");
+    dest.with_file_name(name)
+}
+
 /// How long a connection may take to open, and to go without a byte, before the download is
 /// given up.
 pub const STALL: Duration = Duration::from_secs(30);
@@ -64,7 +71,7 @@ pub fn download(url: &str, md5: &str, dest: &Path, progress: &indicatif::Progres
         return Ok(dest.to_path_buf());
     }
     let fail = |msg: String| Error::Download { url: url.to_string(), msg };
-    let part = dest.with_extension("gz.part");
+    let part = part_path(dest);
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_resolve(Some(STALL))
         .timeout_connect(Some(STALL))

@@ -19,7 +19,7 @@ use std::time::Instant;
 use self::layout::{CIFAR10_CLASSES, COARSE_CLASSES, Kind, Records, Role, Split};
 use self::tarball::SourceInfo;
 use self::writer::TensorFileWriter;
-pub use self::writer::{Normalize, StoreDtype};
+pub use self::writer::{Normalize, StoreDtype, remove_own_temporaries, remove_stale_temporaries};
 use crate::error::{Error, IoContext, Result};
 use crate::store::TensorFile;
 
@@ -184,6 +184,7 @@ pub fn prepare(
     opts: &PrepOptions,
     progress: &indicatif::ProgressBar,
 ) -> Result<PrepSummary> {
+    remove_stale_temporaries(out_dir);
     if folder::is_image_folder(input)? {
         return folder::prepare(input, out_dir, opts, progress);
     }

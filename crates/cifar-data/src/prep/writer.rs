@@ -76,6 +76,44 @@ impl Normalize {
     }
 }
 
+/// The temporary files `cifar-prep` writes in `dir` (`.cifar-prep-*.<pid>.tmp`), with the pid of
+/// the process that writes each.
+fn temporaries(dir: &Path) -> Vec<(PathBuf, u32)> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let name = path.file_name()?.to_str()?.to_string();
+            let rest = name.strip_prefix(".cifar-prep-")?.strip_suffix(".tmp")?;
+            let pid = rest.rsplit_once('.')?.1.parse().ok()?;
+            Some((path, pid))
+        })
+        .collect()
+}
+
+/// Removes this process's temporary files in `dir`: what an interrupted conversion leaves.
+pub fn remove_own_temporaries(dir: &Path) {
+    for (path, pid) in temporaries(dir) {
+        if pid == std::process::id() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Removes temporary files in `dir` left by conversions whose process no longer runs (killed
+/// before it could clean up). Those of running conversions are left alone.
+pub fn remove_stale_temporaries(dir: &Path) {
+    // Whether a process runs is read from /proc: elsewhere nothing is removed.
+    if !cfg!(target_os = "linux") {
+        return;
+    }
+    for (path, pid) in temporaries(dir) {
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// One split's tensor file being written.
 pub struct TensorFileWriter {
     tmp: PathBuf,

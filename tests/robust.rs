@@ -1,0 +1,232 @@
+//! Hostile and broken input, refused early and cleanly: settings checked before any data is
+//! touched, splits that do not belong together, interruptions that leave no temporary file
+//! behind and checkpoint a run.
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn train_in(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(train_exe())
+        .current_dir(dir)
+        .args(["--device", "cpu", "--threads", "1"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn refused(o: &std::process::Output, expect: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{expect}: {}", text(o));
+    assert!(err.contains(expect), "expected {expect:?} in {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn settings_are_refused_before_any_data_is_fetched() {
+    let dir = scratch("robust_settings");
+    for (args, expect) in [
+        (vec!["--lr", "NaN"], "--lr NaN: must be a finite number"),
+        (vec!["--lr", "-0.1"], "--lr -0.1: must be"),
+        (vec!["--momentum", "inf"], "--momentum inf: must be"),
+        (vec!["--weight-decay", "-1"], "--weight-decay -1: must be"),
+        (vec!["--threads", "0"], "--threads"),
+        (vec!["--prefetch", "0"], "--prefetch must be at least 1"),
+        (vec!["--batch-size", "0"], "--batch-size must be at least 1"),
+        (vec!["--device", "cuda:5"], "CUDA device 5 does not exist"),
+        (vec!["--metrics", "no/such/dir/m.jsonl"], "the directory no/such/dir does not exist"),
+    ] {
+        if args[1] == "cuda:5" && tch::Cuda::device_count() > 5 {
+            continue;
+        }
+        let o = train_in(&dir, &args);
+        refused(&o, expect);
+        assert!(!text(&o).contains("downloading"), "{args:?} fetched data first: {}", text(&o));
+        assert!(!dir.join("data").exists(), "{args:?}");
+    }
+}
+
+#[test]
+fn extreme_but_meaningful_values_work() {
+    let dir = learnable_data(&scratch("robust_values"), 4); // 20 training images, 4 test
+    let data = dir.to_str().unwrap();
+    // A batch larger than the data set is the whole set (and allocates no more than it).
+    let o = train_in(&dir, &["--data", data, "--batch-size", "1000000000000", "--epochs", "2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("2 steps"), "{}", text(&o));
+    // More batches ahead than an epoch holds: the epoch's.
+    let o = train_in(&dir, &["--data", data, "--prefetch", "1000", "--epochs", "1"]);
+    assert!(o.status.success() && text(&o).contains("5 steps"), "{}", text(&o));
+    // --max-steps 0 trains no step, and still evaluates the model.
+    let o = train_in(&dir, &["--data", data, "--max-steps", "0"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("0 steps") && text(&o).contains("Accuracy of the network on the 4 test images"),
+        "{}",
+        text(&o)
+    );
+}
+
+/// A tensor file of `n` 32×32 images with these labels and, if given, class names.
+fn tensor_file(path: &Path, labels: &[i64], classes: Option<&[&str]>) {
+    use safetensors::tensor::TensorView;
+    let n = labels.len();
+    let images = vec![0u8; n * 3 * 32 * 32 * 4];
+    let labels: Vec<u8> = labels.iter().flat_map(|l| l.to_le_bytes()).collect();
+    let mut meta = std::collections::HashMap::new();
+    if let Some(c) = classes {
+        meta.insert("classes".to_string(), serde_json::to_string(c).unwrap());
+    }
+    let tensors = [
+        ("images", TensorView::new(safetensors::Dtype::F32, vec![n, 3, 32, 32], &images).unwrap()),
+        ("labels", TensorView::new(safetensors::Dtype::I64, vec![n], &labels).unwrap()),
+    ];
+    safetensors::serialize_to_file(tensors, Some(meta), path).unwrap();
+}
+
+#[test]
+fn splits_that_do_not_belong_together_are_refused_before_training() {
+    let ten: Vec<&str> = cifar_fast::prep::layout::CIFAR10_CLASSES.to_vec();
+    let dir = scratch("robust_splits");
+    let (train, test) = (dir.join("x-train.safetensors"), dir.join("x-test.safetensors"));
+    let metrics = dir.join("m.jsonl");
+    let m = metrics.to_str().unwrap();
+    /// Train labels and classes, test labels and classes, and the error expected.
+    type Case<'a> = (Vec<i64>, Option<Vec<&'a str>>, Vec<i64>, Option<Vec<&'a str>>, &'a str);
+    let cases: [Case; 4] = [
+        (vec![], Some(ten.clone()), vec![1], Some(ten.clone()), "x-train.safetensors: holds no images"),
+        (
+            (0..10).collect(),
+            Some(ten.clone()),
+            vec![],
+            Some(ten.clone()),
+            "x-test.safetensors: holds no images",
+        ),
+        (
+            (0..10).collect(),
+            Some(ten.clone()),
+            vec![1, 2],
+            Some(ten[..5].to_vec()),
+            "names 5 classes, the training split 10",
+        ),
+        (
+            (0..10).collect(),
+            None,
+            vec![1, 12],
+            None,
+            "has labels up to 12, beyond the training split's 10 classes",
+        ),
+    ];
+    for (train_labels, train_classes, test_labels, test_classes, expect) in cases {
+        tensor_file(&train, &train_labels, train_classes.as_deref());
+        tensor_file(&test, &test_labels, test_classes.as_deref());
+        std::fs::write(&metrics, "earlier output\n").unwrap();
+        let o = train_in(&dir, &["--data", dir.to_str().unwrap(), "--dataset", "x", "--metrics", m]);
+        refused(&o, expect);
+        assert_eq!(
+            std::fs::read_to_string(&metrics).unwrap(),
+            "earlier output\n",
+            "{expect}: output replaced"
+        );
+    }
+    // A label beyond the named classes is refused when the file is opened.
+    tensor_file(&train, &[0, 10], Some(&ten));
+    tensor_file(&test, &[0], Some(&ten));
+    refused(
+        &train_in(&dir, &["--data", dir.to_str().unwrap(), "--dataset", "x"]),
+        "label 10 of sample 1 is out of range",
+    );
+}
+
+fn kill(child: &std::process::Child, signal: i32) {
+    // SAFETY: `kill` only sends a signal to the child's pid, which we still own (not reaped).
+    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+}
+
+#[test]
+fn sigterm_checkpoints_a_training_run_as_ctrl_c_does() {
+    let dir = learnable_data(&scratch("robust_sigterm"), 4);
+    let ck = dir.join("ck");
+    let mut child = Command::new(train_exe())
+        .args(["--data", dir.to_str().unwrap(), "--device", "cpu", "--threads", "1", "--epochs", "100000"])
+        .args(["--no-eval", "--checkpoint", ck.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it trains (its first epoch line), then stop it.
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while out.read_line(&mut line).unwrap() > 0 && !line.contains("epoch 2:") {}
+    kill(&child, libc::SIGTERM);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{rest}");
+    assert!(rest.contains("stopped at epoch") && rest.contains("continue with --resume"), "{rest}");
+    assert!(ck.join("checkpoint.safetensors").exists());
+}
+
+/// Serves a download that never ends: the headers promise 100 MB, then a little comes every
+/// 50 ms until the client goes.
+fn serve_trickle() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/cifar.tar.gz", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap() > 2 {
+            line.clear();
+        }
+        let mut s = stream;
+        let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n");
+        while s.write_all(&[0u8; 1024]).is_ok() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    url
+}
+
+#[test]
+fn an_interrupted_prep_leaves_no_temporary_file_and_stale_ones_are_cleaned() {
+    let dir = scratch("robust_interrupt");
+    let out = dir.join("data");
+    std::fs::create_dir_all(&out).unwrap();
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let mut child = Command::new(prep_exe())
+            .args(["--download", "--url", &serve_trickle(), "--md5", "0123456789abcdef0123456789abcdef"])
+            .arg("--out")
+            .arg(&out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let part = out.join("cifar-10-python.tar.gz.part");
+        let start = Instant::now();
+        while !part.exists() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(part.exists(), "the download never started");
+        kill(&child, signal);
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(130));
+        let left: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "signal {signal}: left {left:?}");
+    }
+    // A temporary of a process that no longer runs is removed by the next conversion; one of a
+    // running process (this test's) is left alone.
+    let stale = out.join(".cifar-prep-train.4194303.tmp");
+    let live = out.join(format!(".cifar-prep-train.{}.tmp", std::process::id()));
+    std::fs::write(&stale, b"partial").unwrap();
+    std::fs::write(&live, b"partial").unwrap();
+    let tgz = dir.join("c.tar.gz");
+    tar_gz(&tgz, &cifar10_members(1, 1, false));
+    let o = run(prep_exe(), &[&tgz, &"--out", &out]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!stale.exists() && live.exists());
+}

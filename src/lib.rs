@@ -44,7 +44,7 @@ for epoch in 0..10 {
 */
 #![deny(missing_docs)]
 
-pub use cifar_data::{augment, error, image_folder, prep, preview, sampler, source, store};
+pub use cifar_data::{augment, error, files, image_folder, prep, preview, sampler, source, store};
 pub mod loader;
 pub mod train;
 

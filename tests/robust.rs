@@ -230,3 +230,140 @@ fn an_interrupted_prep_leaves_no_temporary_file_and_stale_ones_are_cleaned() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(!stale.exists() && live.exists());
 }
+
+/// Runs `cmd`, failing the test if it takes more than `limit` (a hang).
+fn output_within(cmd: &mut Command, limit: Duration) -> std::process::Output {
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
+    match rx.recv_timeout(limit) {
+        Ok(out) => out,
+        Err(_) => {
+            // SAFETY: sends SIGKILL to our own child, which the waiting thread then reaps.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("{cmd:?} hung for {limit:?}");
+        }
+    }
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+}
+
+#[test]
+fn fifos_and_devices_are_refused_as_any_input_without_a_hang() {
+    let dir = scratch("robust_fifo");
+    let limit = Duration::from_secs(20);
+    let fifo = dir.join("in.tar.gz");
+    mkfifo(&fifo);
+    let o = output_within(Command::new(prep_exe()).arg(&fifo).arg("--out").arg(dir.join("out")), limit);
+    refused(&o, "in.tar.gz: is a FIFO, not a regular file");
+    let o = output_within(Command::new(prep_exe()).arg("/dev/zero").arg("--out").arg(dir.join("out")), limit);
+    refused(&o, "/dev/zero: is a character device, not a regular file");
+    // A FIFO named like an image inside an image folder.
+    write_image(&dir.join("folder/train/a/1.png"), 32, 32, 1);
+    mkfifo(&dir.join("folder/train/a/2.png"));
+    let o = output_within(
+        Command::new(prep_exe()).arg(dir.join("folder")).arg("--out").arg(dir.join("out")),
+        limit,
+    );
+    refused(&o, "2.png: is a FIFO, not an image file");
+    // A tensor file, and a checkpoint.
+    let data = learnable_data(&scratch("robust_fifo_data"), 4);
+    let ck = data.join("ck");
+    std::fs::create_dir_all(&ck).unwrap();
+    mkfifo(&ck.join("checkpoint.safetensors"));
+    let args = [
+        "--data",
+        data.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--resume",
+    ];
+    let o = output_within(Command::new(train_exe()).args(args), limit);
+    refused(&o, "checkpoint.safetensors: is a FIFO, not a regular file");
+    std::fs::remove_file(data.join("cifar10-test.safetensors")).unwrap();
+    mkfifo(&data.join("cifar10-test.safetensors"));
+    let o = output_within(
+        Command::new(train_exe()).args(["--data", data.to_str().unwrap(), "--device", "cpu"]),
+        limit,
+    );
+    refused(&o, "cifar10-test.safetensors: is a FIFO, not a regular file");
+}
+
+/// Serves one connection with `respond` after reading the request's headers.
+fn serve(respond: impl FnOnce(std::net::TcpStream) + Send + 'static) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/cifar.tar.gz", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap_or(0) > 2 {
+            line.clear();
+        }
+        respond(stream);
+    });
+    url
+}
+
+#[test]
+fn downloads_that_stall_or_stop_end_in_an_error_and_leave_no_part_file() {
+    let dir = scratch("robust_download");
+    let out = dir.join("data");
+    let md5 = "0123456789abcdef0123456789abcdef";
+    let silent = serve(|s| {
+        std::thread::sleep(Duration::from_secs(30));
+        drop(s);
+    });
+    let cut = serve(|mut s| {
+        let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n0123456789");
+    });
+    for (url, what) in [(silent, "silent"), (cut, "cut short")] {
+        let t = Instant::now();
+        let o = output_within(
+            Command::new(prep_exe())
+                .args(["--download", "--url", &url, "--md5", md5, "--timeout", "1"])
+                .arg("--out")
+                .arg(&out),
+            Duration::from_secs(20),
+        );
+        refused(&o, "download of");
+        assert!(t.elapsed() < Duration::from_secs(10), "{what}: took {:?}", t.elapsed());
+        let left: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "{what}: left {left:?}");
+    }
+}
+
+#[test]
+fn messages_say_the_reason_once_and_name_the_input_for_a_temporary() {
+    let dir = scratch("robust_messages");
+    let o = run(prep_exe(), &[&dir.join("missing.tar.gz")]);
+    refused(&o, "missing.tar.gz: No such file or directory");
+    assert_eq!(String::from_utf8_lossy(&o.stderr).matches("No such file").count(), 1, "{}", text(&o));
+    // A write that fails (the file size limit) on the temporary tensor file is said of the input.
+    let tgz = dir.join("c.tar.gz");
+    tar_gz(&tgz, &cifar10_members(20, 20, false));
+    let mut cmd = Command::new(prep_exe());
+    cmd.arg(&tgz).arg("--out").arg(dir.join("out"));
+    // SAFETY: between fork and exec only async-signal-safe calls: setrlimit and signal.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit { rlim_cur: 64 * 1024, rlim_max: 64 * 1024 };
+            libc::setrlimit(libc::RLIMIT_FSIZE, &limit);
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let o = output_within(&mut cmd, Duration::from_secs(20));
+    refused(&o, "c.tar.gz: writing its tensor files: ");
+    assert!(text(&o).contains(".cifar-prep-"), "{}", text(&o));
+    let left: Vec<_> = std::fs::read_dir(dir.join("out")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "left {left:?}");
+}

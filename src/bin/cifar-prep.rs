@@ -4,6 +4,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use cifar_data::prep::{self, Norm, PrepOptions, StoreDtype, download};
@@ -57,6 +58,10 @@ struct Args {
     /// The md5 the download must have (by default, the official one).
     #[arg(long, requires = "download")]
     md5: Option<String>,
+    /// Give the download up when the server is silent this long (to connect, answer or send).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, requires = "download",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: u64,
     /// Also draw a PNG grid of the train split: a row per class, its first 10 images, x3.
     #[arg(long, value_name = "PNG")]
     preview: Option<PathBuf>,
@@ -196,6 +201,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         std::process::exit(130);
     })
     .context("installing the Ctrl-C handler")?;
+    if let Some(png) = &args.preview
+        && let Some(parent) = png.parent().filter(|d| !d.as_os_str().is_empty())
+        && !parent.is_dir()
+    {
+        bail!("--preview {}: the directory {} does not exist", png.display(), parent.display());
+    }
     // Nothing to convert: with prepared files here, --preview draws from them.
     if !args.download
         && args.input.is_none()
@@ -215,7 +226,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         std::fs::create_dir_all(&args.out).with_context(|| format!("{}", args.out.display()))?;
         let dest = args.out.join(official.file);
         let pb = common::progress_bar(0, "download");
-        let got = download::download(url, md5, &dest, &pb)?;
+        let got = download::download(url, md5, &dest, Duration::from_secs(args.timeout), &pb)?;
         pb.finish_and_clear();
         say!("downloaded {} (md5 {md5} verified)", got.display());
         got

@@ -234,7 +234,7 @@ fn find_data(args: &Args) -> anyhow::Result<(PathBuf, PathBuf)> {
     say!("no CIFAR data in {}: downloading {url}", dir.display());
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let bar = common::progress_bar(0, "download");
-    let got = download::download(url, md5, &dir.join(official.file), &bar);
+    let got = download::download(url, md5, &dir.join(official.file), download::STALL, &bar);
     bar.finish_and_clear();
     match (got, shared_images()) {
         (Ok(tarball), _) => {
@@ -366,6 +366,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             && !parent.is_dir()
         {
             bail!("{flag} {}: the directory {} does not exist", p.display(), parent.display());
+        }
+    }
+    for (flag, dir) in [("--plot", &args.plot), ("--checkpoint", &args.checkpoint)] {
+        if let Some(d) = dir {
+            std::fs::create_dir_all(d).with_context(|| format!("{flag} {}", d.display()))?;
         }
     }
     let (train_path, test_path) = find_data(&args)?;

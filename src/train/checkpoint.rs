@@ -129,6 +129,7 @@ impl Checkpoint {
     /// Reads `dir/checkpoint.safetensors`.
     pub fn load(dir: &Path) -> Result<Checkpoint> {
         let path = path_in(dir);
+        crate::files::regular_file(&path)?;
         let bytes = std::fs::read(&path).at(&path)?;
         let bad = |msg: String| Error::format(&path, msg);
         let st = safetensors::SafeTensors::deserialize(&bytes)

@@ -9,12 +9,15 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// The operating system refused an operation on `path`.
-    #[error("{}: {source}", path.display())]
+    ///
+    /// The reason is part of the message and deliberately not a `source()`: error reporters
+    /// that print the chain (`anyhow`'s `{:#}`) would say it twice.
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file or directory concerned.
         path: PathBuf,
         /// What the operating system said.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// `path` is not what it claims to be: a bad tarball, pickle, record or tensor file.
     #[error("{}: {msg}", path.display())]
@@ -54,7 +57,7 @@ pub enum Error {
 impl Error {
     /// An `Io` error for `path`.
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
-        Error::Io { path: path.as_ref().to_path_buf(), source }
+        Error::Io { path: path.as_ref().to_path_buf(), error: source }
     }
 
     /// A `Format` error for `path`.

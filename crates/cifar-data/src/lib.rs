@@ -21,6 +21,7 @@ this crate stays free of libtorch, so `cifar-prep` (which uses it alone) starts 
 
 pub mod augment;
 pub mod error;
+pub mod files;
 pub mod image_folder;
 pub mod prep;
 pub mod preview;

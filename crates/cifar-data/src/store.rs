@@ -1,7 +1,6 @@
 //! The tensor file, opened: its header checked against the file's length, then memory-mapped
 //! read-only, so samples are read straight from the page cache and never copied onto the heap.
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -46,7 +45,7 @@ impl TensorFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let bad = |msg: String| Error::format(path, msg);
-        let mut file = File::open(path).at(path)?;
+        let mut file = crate::files::open_regular(path)?;
         let file_len = file.metadata().at(path)?.len();
         let mut n = [0u8; 8];
         if file_len < 8 {

@@ -59,24 +59,31 @@ pub fn part_path(dest: &Path) -> PathBuf {
     dest.with_file_name(name)
 }
 
-/// How long a connection may take to open, and to go without a byte, before the download is
-/// given up.
+/// How long, by default, a connection may take to open, and the transfer may go without a byte,
+/// before the download is given up.
 pub const STALL: Duration = Duration::from_secs(30);
 
-/// Downloads `url` to `dest`, checking `md5` (in either case). Returns `dest`. An existing
-/// `dest` with the right md5 is kept as it is.
-pub fn download(url: &str, md5: &str, dest: &Path, progress: &indicatif::ProgressBar) -> Result<PathBuf> {
+/// Downloads `url` to `dest`, checking `md5` (in either case), giving up when the server is
+/// silent for `stall` (to connect, to answer, or between two reads). Returns `dest`. An
+/// existing `dest` with the right md5 is kept as it is; on failure no `.part` file is left.
+pub fn download(
+    url: &str,
+    md5: &str,
+    dest: &Path,
+    stall: Duration,
+    progress: &indicatif::ProgressBar,
+) -> Result<PathBuf> {
     let md5 = md5.to_ascii_lowercase();
-    if dest.exists() && file_md5(dest)? == md5 {
+    if dest.exists() && crate::files::regular_file(dest).is_ok() && file_md5(dest)? == md5 {
         return Ok(dest.to_path_buf());
     }
     let fail = |msg: String| Error::Download { url: url.to_string(), msg };
     let part = part_path(dest);
     let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_resolve(Some(STALL))
-        .timeout_connect(Some(STALL))
-        .timeout_recv_response(Some(STALL))
-        .timeout_per_read(Some(STALL))
+        .timeout_resolve(Some(stall))
+        .timeout_connect(Some(stall))
+        .timeout_recv_response(Some(stall))
+        .timeout_per_read(Some(stall))
         .build()
         .into();
     let response = agent.get(url).call().map_err(|e| fail(e.to_string()))?;

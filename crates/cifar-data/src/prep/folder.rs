@@ -187,6 +187,13 @@ fn walk(dir: &Path) -> Result<Vec<(Vec<String>, PathBuf)>> {
             if meta.is_dir() {
                 stack.push((path, parts));
             } else if is_image_name(&name) {
+                // Reading a FIFO named like an image would block for ever.
+                if !meta.is_file() {
+                    return Err(Error::format(
+                        &path,
+                        format!("is {}, not an image file", crate::files::kind_of(&meta)),
+                    ));
+                }
                 out.push((parts, path));
             }
         }

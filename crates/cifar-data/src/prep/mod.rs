@@ -185,16 +185,29 @@ pub fn prepare(
     progress: &indicatif::ProgressBar,
 ) -> Result<PrepSummary> {
     remove_stale_temporaries(out_dir);
-    if folder::is_image_folder(input)? {
-        return folder::prepare(input, out_dir, opts, progress);
-    }
-    if opts.size.is_some() || opts.name.is_some() {
-        return Err(Error::format(
+    let result = if folder::is_image_folder(input)? {
+        folder::prepare(input, out_dir, opts, progress)
+    } else if opts.size.is_some() || opts.name.is_some() {
+        Err(Error::format(
             input,
             "is a CIFAR tarball or directory: --size and --name apply to image folders only",
-        ));
-    }
-    prepare_cifar(input, out_dir, opts, progress)
+        ))
+    } else {
+        prepare_cifar(input, out_dir, opts, progress)
+    };
+    result.map_err(|e| name_the_input(e, input))
+}
+
+/// An error about one of the temporary files being written, said of the input it was made
+/// from: a temporary name alone tells the user nothing.
+fn name_the_input(e: Error, input: &Path) -> Error {
+    let about_temporary = match &e {
+        Error::Io { path, .. } | Error::Format { path, .. } => {
+            path.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".cifar-prep-"))
+        }
+        _ => false,
+    };
+    if about_temporary { Error::format(input, format!("writing its tensor files: {e}")) } else { e }
 }
 
 fn prepare_cifar(

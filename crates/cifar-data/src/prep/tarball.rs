@@ -41,6 +41,7 @@ pub fn input_kind(path: &Path) -> Result<InputKind> {
     if meta.is_dir() {
         return Ok(InputKind::Dir);
     }
+    crate::files::regular_file(path)?;
     let mut head = [0u8; 512];
     let mut f = File::open(path).at(path)?;
     let n = read_up_to(&mut f, &mut head).at(path)?;

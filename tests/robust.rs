@@ -367,3 +367,67 @@ fn messages_say_the_reason_once_and_name_the_input_for_a_temporary() {
     let left: Vec<_> = std::fs::read_dir(dir.join("out")).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(left.is_empty(), "left {left:?}");
 }
+
+fn plain_tar(path: &Path, members: &[(String, Vec<u8>)]) {
+    let mut tar = tar::Builder::new(std::fs::File::create(path).unwrap());
+    for (name, data) in members {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(0);
+        tar.append_data(&mut h, name, data.as_slice()).unwrap();
+    }
+    tar.finish().unwrap();
+}
+
+#[test]
+fn splits_of_two_conversions_are_never_a_pair_and_up_to_date_follows_the_content() {
+    let dir = scratch("robust_pair");
+    let input = dir.join("c.tar");
+    let members = cifar10_members(2, 2, false);
+    plain_tar(&input, &members);
+    let out = dir.join("data");
+    let prep = |extra: &[&str]| {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&input, &"--out", &out];
+        for e in extra {
+            args.push(e);
+        }
+        let o = run(prep_exe(), &args);
+        assert!(o.status.success(), "{}", text(&o));
+        text(&o)
+    };
+    prep(&[]);
+    let test = out.join("cifar10-test.safetensors");
+    let earlier = std::fs::read(&test).unwrap();
+    prep(&["--force"]);
+    // As if a second conversion had been stopped after renaming its train split only.
+    std::fs::write(&test, &earlier).unwrap();
+    let o = train_in(&dir, &["--data", out.to_str().unwrap(), "--max-steps", "1"]);
+    refused(&o, "come from two conversions");
+    // cifar-prep does not take that pair for up-to-date output: it converts again.
+    assert!(!prep(&[]).contains("up to date"));
+    let o = train_in(&dir, &["--data", out.to_str().unwrap(), "--max-steps", "1"]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    // A new modification time with the same content: up to date. Other content of the same
+    // size under the old modification time: converted again.
+    let mtime = std::fs::metadata(&input).unwrap().modified().unwrap();
+    let touch = |t: std::time::SystemTime| {
+        std::fs::File::options().write(true).open(&input).unwrap().set_modified(t).unwrap()
+    };
+    touch(mtime + Duration::from_secs(60));
+    assert!(prep(&[]).contains("up to date"));
+    let mut changed = members.clone();
+    changed[0].1[1] ^= 0xff; // one pixel of the first training image
+    plain_tar(&input, &changed);
+    touch(mtime);
+    assert_eq!(std::fs::metadata(&input).unwrap().len(), {
+        plain_tar(&dir.join("same.tar"), &members);
+        std::fs::metadata(dir.join("same.tar")).unwrap().len()
+    });
+    assert!(!prep(&[]).contains("up to date"));
+    let f = cifar_fast::TensorFile::open(out.join("cifar10-train.safetensors")).unwrap();
+    let first = &bytemuck::cast_slice::<u8, f32>(f.image_bytes(0))[0];
+    let want = ((members[0].1[1] ^ 0xff) as f32 / 255.0 - 0.5) / 0.5;
+    assert!((first - want).abs() < 1e-6, "{first} vs {want}: the new content was not converted");
+}

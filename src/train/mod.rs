@@ -524,6 +524,16 @@ fn check_splits(cfg: &TrainConfig, train: &Dataset, test: Option<&Dataset>) -> R
     }
     let Some(test) = test else { return Ok(()) };
     let path = cfg.test.as_deref().unwrap_or(std::path::Path::new("test split"));
+    if !crate::prep::same_conversion([train.file(), test.file()]) {
+        return Err(Error::format(
+            path,
+            format!(
+                "and {} come from two conversions (one stopped between its renames, or two ran at \
+                 once): prepare them again",
+                cfg.train.display()
+            ),
+        ));
+    }
     if test.is_empty() {
         return Err(Error::format(path, "holds no images"));
     }

@@ -171,9 +171,14 @@ pub fn output_path(dir: &Path, name: &str, split: &str) -> PathBuf {
     dir.join(format!("{name}-{split}.safetensors"))
 }
 
-/// Every image file below `dir`, as components relative to it, sorted.
-fn walk(dir: &Path) -> Result<Vec<(Vec<String>, PathBuf)>> {
+/// An image file of a directory input: its path components below the root, and its path.
+type Listed = (Vec<String>, PathBuf);
+
+/// Every image file below `dir`, as components relative to it, sorted; and every folder below
+/// it (`ImageFolder` counts class folders without images too), as relative paths, sorted.
+fn walk(dir: &Path) -> Result<(Vec<Listed>, Vec<String>)> {
     let mut out = Vec::new();
+    let mut dirs = Vec::new();
     let mut stack = vec![(dir.to_path_buf(), Vec::<String>::new())];
     while let Some((d, prefix)) = stack.pop() {
         for e in std::fs::read_dir(&d).at(&d)? {
@@ -185,6 +190,7 @@ fn walk(dir: &Path) -> Result<Vec<(Vec<String>, PathBuf)>> {
             // `ImageFolder` follows links (os.walk(followlinks=True)): metadata, not the entry's type.
             let meta = std::fs::metadata(&path).at(&path)?;
             if meta.is_dir() {
+                dirs.push(parts.join("/"));
                 stack.push((path, parts));
             } else if is_image_name(&name) {
                 // Reading a FIFO named like an image would block for ever.
@@ -199,7 +205,8 @@ fn walk(dir: &Path) -> Result<Vec<(Vec<String>, PathBuf)>> {
         }
     }
     out.sort();
-    Ok(out)
+    dirs.sort();
+    Ok((out, dirs))
 }
 
 /// Class folders under each split folder of a directory input (`ImageFolder` lists them with
@@ -274,13 +281,19 @@ fn places(input: &Path, members: &[Member], own_split: Option<&str>) -> Result<V
     Ok(out)
 }
 
-/// Size, modification time and path of every image: a re-run on unchanged input is skipped.
-fn fingerprint_files(files: &[(Vec<String>, PathBuf)]) -> Result<String> {
+/// The folders, and the path and content of every image, hashed: a re-run on unchanged input
+/// is skipped, and a changed image (or a new folder) is converted again whatever its size and
+/// modification time.
+fn fingerprint_files(files: &[Listed], dirs: &[String]) -> Result<String> {
     let mut h = Sha256::new();
+    for d in dirs {
+        h.update(d.as_bytes());
+        h.update([0]);
+    }
     for (parts, path) in files {
-        let m = std::fs::metadata(path).at(path)?;
-        let mtime = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
-        h.update(format!("{}:{}:{}\n", parts.join("/"), m.len(), mtime.map_or(0, |d| d.as_nanos())));
+        h.update(parts.join("/").as_bytes());
+        h.update([0]);
+        super::hash_file(&mut h, path)?;
     }
     Ok(format!("images:{}", hex(&h.finalize())))
 }
@@ -308,7 +321,7 @@ fn up_to_date(input: &Path, name: &str, print: &str, tag: &str, out_dir: &Path) 
     for split in splits {
         let path = output_path(out_dir, name, &split);
         let f = TensorFile::open(&path).ok()?;
-        if !matches(&f) {
+        if !matches(&f) || !super::same_conversion([&first, &f]) {
             return None;
         }
         let mut per_class = vec![0; classes.len()];
@@ -348,7 +361,13 @@ pub fn prepare(
     let start = Instant::now();
     let kind = input_kind(input)?;
     // A directory is listed first (its listing is the fingerprint); an archive is streamed.
-    let listing = if kind == InputKind::Dir { Some(walk(input)?) } else { None };
+    let (listing, dirs) = match kind {
+        InputKind::Dir => {
+            let (files, dirs) = walk(input)?;
+            (Some(files), dirs)
+        }
+        _ => (None, Vec::new()),
+    };
     let own_split = listing.as_ref().and_then(|files| {
         (files.first().is_some_and(|f| f.0.len() == 2)).then(|| default_name(input, false))
     });
@@ -358,7 +377,7 @@ pub fn prepare(
         None => default_name(input, own_split.is_some()),
     };
     let print = match &listing {
-        Some(files) => fingerprint_files(files)?,
+        Some(files) => fingerprint_files(files, &dirs)?,
         None => super::fingerprint(input)?,
     };
     let tag = options_tag(opts, &name);
@@ -496,6 +515,7 @@ pub fn prepare(
     let norm = Normalize::new(mean, std);
     std::fs::create_dir_all(out_dir).at(out_dir)?;
     let split_names: Vec<String> = records.keys().cloned().collect();
+    let conversion = super::conversion_id();
     let mut sealed = Vec::new();
     for (split, r) in &records {
         let side = (h as usize, w as usize);
@@ -517,6 +537,7 @@ pub fn prepare(
             official: false,
             fingerprint: &print,
             options: &tag,
+            conversion: &conversion,
         }
         .into_map();
         meta.insert("splits".into(), serde_json::to_string(&split_names).unwrap());

@@ -20,6 +20,8 @@ use self::layout::{CIFAR10_CLASSES, COARSE_CLASSES, Kind, Records, Role, Split};
 use self::tarball::SourceInfo;
 use self::writer::TensorFileWriter;
 pub use self::writer::{Normalize, StoreDtype, remove_own_temporaries, remove_stale_temporaries};
+use sha2::{Digest, Sha256};
+
 use crate::error::{Error, IoContext, Result};
 use crate::store::TensorFile;
 
@@ -104,22 +106,52 @@ pub fn output_path(dir: &Path, kind: Kind, split: Split) -> PathBuf {
     dir.join(format!("{}-{}.safetensors", kind.name(), split.name()))
 }
 
-/// Size and modification time of the input (of each batch file, for a directory): cheap to
-/// compare, so a re-run on the same input skips the conversion.
+/// The input's content, hashed (sha256; of the batch files' names and bytes, for a directory):
+/// a re-run on the same input skips the conversion, and a changed input is converted again
+/// even where its size and modification time were kept.
 pub(crate) fn fingerprint(input: &Path) -> Result<String> {
-    let stamp = |p: &Path| -> Result<String> {
-        let m = std::fs::metadata(p).at(p)?;
-        let mtime = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
-        Ok(format!("{}:{}", m.len(), mtime.map_or(0, |d| d.as_nanos())))
-    };
-    if !input.is_dir() {
-        return stamp(input);
+    let mut h = Sha256::new();
+    if input.is_dir() {
+        for (member, path) in tarball::dir_members(input)? {
+            h.update(member.as_bytes());
+            h.update([0]);
+            hash_file(&mut h, &path)?;
+        }
+    } else {
+        hash_file(&mut h, input)?;
     }
-    let parts = tarball::dir_members(input)?
-        .into_iter()
-        .map(|(member, path)| Ok(format!("{member}={}", stamp(&path)?)))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(parts.join(","))
+    Ok(format!("sha256:{}", tarball::hex(&h.finalize())))
+}
+
+/// Feeds the bytes of the regular file `path` to `h`.
+pub(crate) fn hash_file(h: &mut Sha256, path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut f = crate::files::open_regular(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match f.read(&mut buf).at(path)? {
+            0 => return Ok(()),
+            n => h.update(&buf[..n]),
+        }
+    }
+}
+
+/// A name for one conversion, written into every split it makes, so that splits of two
+/// conversions (two runs racing into one directory, or one stopped between its renames) are
+/// never taken for a pair.
+pub(crate) fn conversion_id() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let mut h = Sha256::new();
+    h.update(format!("{}:{}:{:?}", std::process::id(), now.as_nanos(), std::thread::current().id()));
+    tarball::hex(&h.finalize()[..16])
+}
+
+/// Whether every file has the same `conversion` metadata (files without one, made before it
+/// existed, are not compared).
+pub fn same_conversion<'a>(files: impl IntoIterator<Item = &'a TensorFile>) -> bool {
+    let ids: std::collections::HashSet<&String> =
+        files.into_iter().filter_map(|f| f.metadata().get("conversion")).collect();
+    ids.len() <= 1
 }
 
 fn norm_tag(opts: &PrepOptions) -> String {
@@ -154,7 +186,9 @@ fn up_to_date(input: &Path, print: &str, out_dir: &Path, opts: &PrepOptions) -> 
                 bytes,
             });
         }
-        if splits.len() == 2 {
+        let files: Vec<TensorFile> =
+            splits.iter().filter_map(|s: &SplitSummary| TensorFile::open(&s.path).ok()).collect();
+        if splits.len() == 2 && same_conversion(&files) {
             let source = SourceInfo {
                 name: input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
                 ..Default::default()
@@ -313,6 +347,7 @@ fn prepare_cifar(
     };
 
     let official = source.md5.as_deref().and_then(download::official_by_md5);
+    let conversion = conversion_id();
     let mut sealed = Vec::new();
     for (split, w) in writers {
         let per_class = written.per_class(split, classes.len());
@@ -327,6 +362,7 @@ fn prepare_cifar(
             official: official.is_some(),
             fingerprint: &print,
             options: &norm_tag(opts),
+            conversion: &conversion,
         }
         .into_map();
         meta.insert("source_sha256".into(), source.sha256.clone());
@@ -372,6 +408,8 @@ pub(crate) struct Metadata<'a> {
     /// What "up to date" compares: the input's fingerprint and the options.
     pub fingerprint: &'a str,
     pub options: &'a str,
+    /// The conversion's [`conversion_id`], the same in all its splits.
+    pub conversion: &'a str,
 }
 
 impl Metadata<'_> {
@@ -390,6 +428,7 @@ impl Metadata<'_> {
             ("source_official".into(), self.official.to_string()),
             ("source_fingerprint".into(), self.fingerprint.into()),
             ("prep_options".into(), self.options.into()),
+            ("conversion".into(), self.conversion.into()),
         ])
     }
 }

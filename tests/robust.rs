@@ -431,3 +431,36 @@ fn splits_of_two_conversions_are_never_a_pair_and_up_to_date_follows_the_content
     let want = ((members[0].1[1] ^ 0xff) as f32 / 255.0 - 0.5) / 0.5;
     assert!((first - want).abs() < 1e-6, "{first} vs {want}: the new content was not converted");
 }
+
+#[test]
+fn a_training_file_truncated_under_a_run_is_a_clear_error_not_a_bus_error() {
+    let dir = learnable_data(&scratch("robust_sigbus"), 40);
+    let mut child = Command::new(train_exe())
+        .args(["--data", dir.to_str().unwrap(), "--device", "cpu", "--threads", "1", "--epochs", "100000"])
+        .arg("--no-eval")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while out.read_line(&mut line).unwrap() > 0 && !line.contains("epoch 2:") {}
+    // Cut the mapped file to its header and a few images, as another program might.
+    let train = dir.join("cifar10-train.safetensors");
+    std::fs::File::options().write(true).open(&train).unwrap().set_len(40_000).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "still running after the truncation");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{status:?}: {err}");
+    assert!(
+        err.contains("cifar10-train.safetensors: the file was truncated while this program had it mapped"),
+        "{err}"
+    );
+}

@@ -1,5 +1,6 @@
 //! The tensor file, opened: its header checked against the file's length, then memory-mapped
 //! read-only, so samples are read straight from the page cache and never copied onto the heap.
+mod sigbus;
 use std::collections::HashMap;
 use std::io::Read;
 use std::ops::Range;
@@ -17,6 +18,24 @@ use crate::prep::layout::CHANNELS;
 const MAX_HEADER: u64 = 100_000_000;
 
 /// A prepared split (`cifar10-train.safetensors`, ...), mapped and validated.
+///
+/// # The memory map's contract
+///
+/// A memory map reads the file as it is *now*, not as it was when opened. `open` checks the
+/// header and every tensor's extent against the file's length before mapping, so a file that
+/// is truncated or corrupt at open is an error there. What no check at open can rule out is
+/// another program changing the file while it is mapped:
+///
+/// - *Replaced* (a new file renamed over the name, as `cifar-prep` always writes): harmless.
+///   The map keeps the old file's pages; the run goes on with the data it started with.
+/// - *Rewritten in place*: the run reads whatever bytes are there, possibly a mix of old and
+///   new. Nothing of this project writes a tensor file in place; don't let anything else.
+/// - *Truncated*: reading past the new end raises SIGBUS. Opening a `TensorFile` installs a
+///   handler for it (Linux) that names the file and exits with status 1, rather than the bare
+///   "Bus error" the default gives.
+///
+/// This is the bargain ripgrep makes for its memory maps (and why it does not map files it
+/// expects to change); here the files are ours, written once by `cifar-prep` and renamed.
 pub struct TensorFile {
     path: PathBuf,
     map: Mmap,
@@ -31,6 +50,16 @@ pub struct TensorFile {
     classes: Vec<String>,
     mean: [f32; 3],
     std: [f32; 3],
+    /// The SIGBUS watch on the map (see the contract above).
+    watch: Option<usize>,
+}
+
+impl Drop for TensorFile {
+    fn drop(&mut self) {
+        if let Some(i) = self.watch {
+            sigbus::unwatch(i);
+        }
+    }
 }
 
 impl std::fmt::Debug for TensorFile {
@@ -123,9 +152,19 @@ impl TensorFile {
         // process truncates or rewrites the file while it is mapped; `cifar-prep` never does that
         // (it writes a new file and renames it over the old name, leaving mapped pages intact).
         let map = unsafe { Mmap::map(&file) }.at(path)?;
+        let watch = sigbus::watch(
+            map.as_ptr(),
+            map.len(),
+            format!(
+                "error: {}: the file was truncated while this program had it mapped (another \
+                 program changed it during the run); prepare it anew and run again\n",
+                path.display()
+            ),
+        );
         let out = TensorFile {
             path: path.to_path_buf(),
             map,
+            watch,
             len,
             dtype,
             images,

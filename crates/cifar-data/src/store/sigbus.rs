@@ -1,0 +1,95 @@
+//! A clear error, not a bare "Bus error", when a mapped tensor file is truncated under a run.
+//!
+//! Reading a page of a memory map past the end of a file that another program truncated raises
+//! SIGBUS, which by default kills the process with no word of which file or why. The mapped
+//! ranges of open [`super::TensorFile`]s are registered here; a SIGBUS inside one prints the
+//! file's name and the cause to stderr and exits with status 1. A SIGBUS anywhere else gets the
+//! default action as before.
+//!
+//! The handler may only use async-signal-safe calls: it reads atomics, `write`s a message made
+//! when the file was opened, and `_exit`s. Written with `libc`: no crate turns a fault in a
+//! mapping into an error (`memmap2` leaves it to the caller).
+use std::sync::Once;
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+
+/// Maps watched at once; a file opened beyond that is simply not watched.
+const SLOTS: usize = 256;
+
+struct Watched {
+    start: AtomicUsize,
+    /// 0: free; `usize::MAX`: being filled in; else the mapped length.
+    len: AtomicUsize,
+    /// The message for this map: leaked bytes, `msg_len` of them.
+    msg: AtomicPtr<u8>,
+    msg_len: AtomicUsize,
+}
+
+#[allow(clippy::declare_interior_mutable_const)] // only to initialise the array below
+const EMPTY: Watched = Watched {
+    start: AtomicUsize::new(0),
+    len: AtomicUsize::new(0),
+    msg: AtomicPtr::new(std::ptr::null_mut()),
+    msg_len: AtomicUsize::new(0),
+};
+static WATCHED: [Watched; SLOTS] = [EMPTY; SLOTS];
+static INSTALL: Once = Once::new();
+
+/// Watches `len` mapped bytes at `start`, saying `message` if they fault. Returns the slot to
+/// give to [`unwatch`], or `None` when every slot is taken.
+pub(super) fn watch(start: *const u8, len: usize, message: String) -> Option<usize> {
+    if len == 0 {
+        return None;
+    }
+    INSTALL.call_once(install);
+    for (i, w) in WATCHED.iter().enumerate() {
+        if w.len.compare_exchange(0, usize::MAX, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            // Leaked on purpose: the handler may read it at any moment, even after `unwatch`.
+            let msg: &'static mut [u8] = Box::leak(message.into_bytes().into_boxed_slice());
+            w.msg_len.store(msg.len(), Ordering::Release);
+            w.msg.store(msg.as_mut_ptr(), Ordering::Release);
+            w.start.store(start as usize, Ordering::Release);
+            w.len.store(len, Ordering::Release);
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// Stops watching slot `i` (the map is about to be unmapped).
+pub(super) fn unwatch(i: usize) {
+    WATCHED[i].len.store(0, Ordering::Release);
+}
+
+fn install() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: `sigaction` with a zeroed struct, a handler of the SA_SIGINFO signature and an
+    // empty mask is the documented way to install a handler; nothing else here handles SIGBUS.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigbus as *const () as usize;
+        action.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut());
+    }
+}
+
+#[cfg(target_os = "linux")]
+extern "C" fn on_sigbus(signal: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid `siginfo_t` to an SA_SIGINFO handler; only atomics are
+    // read, the message bytes were leaked (never freed), and `write`, `signal`, `raise` and
+    // `_exit` are async-signal-safe.
+    unsafe {
+        let addr = (*info).si_addr() as usize;
+        for w in &WATCHED {
+            let (start, len) = (w.start.load(Ordering::Acquire), w.len.load(Ordering::Acquire));
+            if len != 0 && len != usize::MAX && addr >= start && addr - start < len {
+                let msg = w.msg.load(Ordering::Acquire);
+                libc::write(2, msg as *const libc::c_void, w.msg_len.load(Ordering::Acquire));
+                libc::_exit(1);
+            }
+        }
+        // Not a tensor file's fault: the default action, as if this handler did not exist.
+        libc::signal(signal, libc::SIG_DFL);
+        libc::raise(signal);
+    }
+}

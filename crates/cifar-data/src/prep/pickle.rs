@@ -11,11 +11,19 @@
 //!
 //! Every length is checked against the bytes that remain before anything is allocated, values
 //! nest at most [`MAX_DEPTH`] deep, and containers are owned (never shared), so a hostile file
-//! can neither allocate more than it is long, nor build cycles, nor overflow the stack.
+//! can neither build cycles nor overflow the stack. And everything the machine allocates — each
+//! value pushed (one opcode byte makes a value of 40), each memo slot, each mark, each byte
+//! string copied or decoded — is charged to a budget of [`BUDGET_PER_BYTE`] times the pickle's
+//! length (plus 1 MiB): a small member that asks for gigabytes (a stream of `None`s, a memo
+//! index far beyond its contents, one string decoded a thousand times) is an error, not an
+//! out-of-memory kill. CIFAR's own pickles use a little over 1× (the pixels are copied once).
 use std::rc::Rc;
 
 /// How deep containers may nest. CIFAR needs 3 (the array's state tuple holds a shape tuple).
 pub const MAX_DEPTH: usize = 16;
+
+/// Bytes the reader may allocate for each byte of pickle (see the module's doc).
+pub const BUDGET_PER_BYTE: usize = 4;
 
 /// A Python value, as far as CIFAR's pickles need.
 #[derive(Debug, Clone, PartialEq)]
@@ -123,7 +131,8 @@ fn container_depth<'a>(items: impl IntoIterator<Item = &'a Value>) -> Result<usi
 
 /// Parses one pickle. The error says what is wrong and at which byte offset.
 pub fn parse(input: &[u8]) -> Result<Value, String> {
-    Machine { input, pos: 0, stack: Vec::new(), marks: Vec::new(), memo: Vec::new() }.run()
+    let budget = input.len().saturating_mul(BUDGET_PER_BYTE).saturating_add(1 << 20);
+    Machine { input, pos: 0, stack: Vec::new(), marks: Vec::new(), memo: Vec::new(), budget }.run()
 }
 
 /// A stack entry: a value, or a memo slot that holds a container (which we never share).
@@ -139,9 +148,30 @@ struct Machine<'a> {
     stack: Vec<Value>,
     marks: Vec<usize>,
     memo: Vec<Option<Memo>>,
+    /// Bytes still allowed to be allocated.
+    budget: usize,
 }
 
 impl<'a> Machine<'a> {
+    /// Charges `bytes` of allocation to the budget.
+    fn spend(&mut self, bytes: usize) -> Result<(), String> {
+        self.budget = self.budget.checked_sub(bytes).ok_or_else(|| {
+            format!(
+                "needs more than {BUDGET_PER_BYTE}x its {} bytes of memory (at offset {}): not a CIFAR pickle",
+                self.input.len(),
+                self.pos
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Pushes `v`, charging its slot on the stack.
+    fn push(&mut self, v: Value) -> Result<(), String> {
+        self.spend(std::mem::size_of::<Value>())?;
+        self.stack.push(v);
+        Ok(())
+    }
+
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
         if self.input.len() - self.pos < n {
             return Err(format!("truncated: needs {n} bytes at offset {}", self.pos));
@@ -203,6 +233,7 @@ impl<'a> Machine<'a> {
             return Err(format!("memo index {idx} out of range"));
         }
         if self.memo.len() <= idx {
+            self.spend((idx + 1 - self.memo.len()) * std::mem::size_of::<Option<Memo>>())?;
             self.memo.resize(idx + 1, None);
         }
         self.memo[idx] = Some(entry);
@@ -211,10 +242,7 @@ impl<'a> Machine<'a> {
 
     fn memo_get(&mut self, idx: usize) -> Result<(), String> {
         match self.memo.get(idx).cloned().flatten() {
-            Some(Memo::Value(v)) => {
-                self.stack.push(v);
-                Ok(())
-            }
+            Some(Memo::Value(v)) => self.push(v),
             Some(Memo::Container) => {
                 Err(format!("memo reference {idx} to a shared container (not used by CIFAR)"))
             }
@@ -224,21 +252,20 @@ impl<'a> Machine<'a> {
 
     fn push_bytes(&mut self, n: usize) -> Result<(), String> {
         let b = self.take(n)?;
-        self.stack.push(Value::Bytes(Rc::from(b)));
-        Ok(())
+        self.spend(n)?;
+        self.push(Value::Bytes(Rc::from(b)))
     }
 
     fn push_str(&mut self, n: usize) -> Result<(), String> {
         let b = self.take(n)?;
         let s = std::str::from_utf8(b).map_err(|_| "invalid UTF-8 in str".to_string())?;
-        self.stack.push(Value::Str(Rc::from(s)));
-        Ok(())
+        self.spend(n)?;
+        self.push(Value::Str(Rc::from(s)))
     }
 
     fn push_tuple(&mut self, items: Vec<Value>) -> Result<(), String> {
         let d = container_depth(&items)?;
-        self.stack.push(Value::Tuple(items, d));
-        Ok(())
+        self.push(Value::Tuple(items, d))
     }
 
     fn global(module: &str, name: &str) -> Result<Global, String> {
@@ -384,24 +411,27 @@ impl<'a> Machine<'a> {
                     }
                     return Ok(v);
                 }
-                b'(' => self.marks.push(self.stack.len()),
-                b'}' => self.stack.push(Value::Dict(Vec::new(), 1)),
-                b']' => self.stack.push(Value::List(Vec::new(), 1)),
-                b')' => self.stack.push(Value::Tuple(Vec::new(), 1)),
-                b'N' => self.stack.push(Value::None),
-                0x88 => self.stack.push(Value::Bool(true)),
-                0x89 => self.stack.push(Value::Bool(false)),
+                b'(' => {
+                    self.spend(std::mem::size_of::<usize>())?;
+                    self.marks.push(self.stack.len());
+                }
+                b'}' => self.push(Value::Dict(Vec::new(), 1))?,
+                b']' => self.push(Value::List(Vec::new(), 1))?,
+                b')' => self.push(Value::Tuple(Vec::new(), 1))?,
+                b'N' => self.push(Value::None)?,
+                0x88 => self.push(Value::Bool(true))?,
+                0x89 => self.push(Value::Bool(false))?,
                 b'K' => {
                     let v = self.u8()?;
-                    self.stack.push(Value::Int(v as i64));
+                    self.push(Value::Int(v as i64))?;
                 }
                 b'M' => {
                     let b = self.take(2)?;
-                    self.stack.push(Value::Int(u16::from_le_bytes([b[0], b[1]]) as i64));
+                    self.push(Value::Int(u16::from_le_bytes([b[0], b[1]]) as i64))?;
                 }
                 b'J' => {
                     let b = self.take(4)?;
-                    self.stack.push(Value::Int(i32::from_le_bytes(b.try_into().unwrap()) as i64));
+                    self.push(Value::Int(i32::from_le_bytes(b.try_into().unwrap()) as i64))?;
                 }
                 0x8a => {
                     let n = self.u8()? as usize;
@@ -412,7 +442,7 @@ impl<'a> Machine<'a> {
                     let fill = if b.last().is_some_and(|&x| x & 0x80 != 0) { 0xff } else { 0 };
                     let mut le = [fill; 8];
                     le[..n].copy_from_slice(b);
-                    self.stack.push(Value::Int(i64::from_le_bytes(le)));
+                    self.push(Value::Int(i64::from_le_bytes(le)))?;
                 }
                 b'U' | b'C' => {
                     let n = self.u8()? as usize;
@@ -489,7 +519,7 @@ impl<'a> Machine<'a> {
                     let module = self.line()?;
                     let name = self.line()?;
                     let g = Self::global(module, name)?;
-                    self.stack.push(Value::Global(g));
+                    self.push(Value::Global(g))?;
                 }
                 0x93 => {
                     let name = self.pop()?;
@@ -498,19 +528,23 @@ impl<'a> Machine<'a> {
                         return Err("STACK_GLOBAL of non-strings".into());
                     };
                     let g = Self::global(m, n)?;
-                    self.stack.push(Value::Global(g));
+                    self.push(Value::Global(g))?;
                 }
                 b'R' => {
                     let args = self.pop()?;
                     let f = self.pop()?;
                     let v = Self::reduce(f, args)?;
-                    self.stack.push(v);
+                    // `_codecs.encode` made new bytes (maybe from a memoized str, again and again).
+                    if let Value::Bytes(b) = &v {
+                        self.spend(b.len())?;
+                    }
+                    self.push(v)?;
                 }
                 b'b' => {
                     let state = self.pop()?;
                     let obj = self.pop()?;
                     let v = Self::build(obj, state)?;
-                    self.stack.push(v);
+                    self.push(v)?;
                 }
                 op => return Err(format!("unsupported opcode 0x{op:02x} at offset {at}")),
             }
@@ -561,6 +595,36 @@ mod tests {
         p.truncate(p.len() - 3);
         assert!(parse(&p).is_err());
         assert!(parse(b"\x80\x02T\xff\xff\xff\x7f").unwrap_err().contains("truncated"));
+    }
+
+    #[test]
+    fn a_small_pickle_cannot_demand_much_memory() {
+        let budget = |input: &[u8]| input.len() * BUDGET_PER_BYTE + (1 << 20);
+        // A mark and 1 MB of `None`s: 40 bytes of value for each byte of pickle.
+        let mut nones = vec![0x80, 2, b'('];
+        nones.extend(std::iter::repeat_n(b'N', 1 << 20));
+        nones.extend([b't', b'.']);
+        let err = parse(&nones).unwrap_err();
+        assert!(err.contains("needs more than 4x its"), "{err}");
+        // A memo index as far as the input reaches, in a pickle long enough to allow it.
+        let mut far = vec![0x80, 2, b'N', b'r'];
+        let idx = 300_000u32;
+        far.extend(idx.to_le_bytes());
+        far.extend(std::iter::repeat_n(b'N', idx as usize - far.len() + 8));
+        assert!(parse(&far).unwrap_err().contains("needs more than"), "{far:?}");
+        // One 100 kB str decoded again and again through the memo: 100 kB of new bytes for 15
+        // bytes of pickle each time.
+        let mut again = vec![0x80, 2];
+        again.extend(b"c_codecs\nencode\nq\x00X");
+        again.extend(100_000u32.to_le_bytes());
+        again.extend(std::iter::repeat_n(b'a', 100_000));
+        again.extend(b"q\x01");
+        for _ in 0..1000 {
+            again.extend(b"h\x00h\x01X\x06\x00\x00\x00latin1\x86R");
+        }
+        again.push(b'.');
+        assert!(budget(&again) < 2_000_000);
+        assert!(parse(&again).unwrap_err().contains("needs more than"), "repeated decoding");
     }
 
     #[test]

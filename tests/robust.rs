@@ -36,6 +36,7 @@ fn settings_are_refused_before_any_data_is_fetched() {
         (vec!["--weight-decay", "-1"], "--weight-decay -1: must be"),
         (vec!["--threads", "0"], "--threads"),
         (vec!["--prefetch", "0"], "--prefetch must be at least 1"),
+        (vec!["--workers", "100000"], "--workers 100000: at most 256"),
         (vec!["--batch-size", "0"], "--batch-size must be at least 1"),
         (vec!["--device", "cuda:5"], "CUDA device 5 does not exist"),
         (vec!["--metrics", "no/such/dir/m.jsonl"], "the directory no/such/dir does not exist"),

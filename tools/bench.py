@@ -257,6 +257,59 @@ def bench_train(args):
                                                 for b in args.batch_sizes}))
 
 
+def bench_busy(args):
+    """cifar-train on a quiet machine and beside one busy process (a loop on one core), its
+    default thread choice against a fixed count of all cores, with the reference beside."""
+    data = args.data
+    ensure_data(data)
+    warm(os.path.join(data, "cifar10-train.safetensors"))
+    cores = os.cpu_count()
+    ref_steps = {4: 1500, 32: 300}
+    our_steps = {4: 5000, 32: 1200}
+    metrics = os.path.join(tempfile.mkdtemp(), "m.jsonl")
+    batch_sizes = [b for b in args.batch_sizes if b in our_steps] or [4, 32]
+
+    def ours(b, extra):
+        sh([os.path.join(RELEASE, "cifar-train"), "--data", data, "--device", "cpu", "--batch-size", str(b),
+            "--epochs", "1", "--max-steps", str(our_steps[b]), "--no-eval", "--metrics", metrics] + extra)
+        with open(metrics) as f:
+            return json.loads(f.read().strip().splitlines()[-1])["steady_images_per_s"]
+
+    def reference(b):
+        return json_line([sys.executable, REFERENCE, "--root", os.path.join(data, "py"), "--batch-size", str(b),
+                          "--workers", "1", "--steps", str(ref_steps[b]), "--json"])["images_per_s"]
+
+    contenders = [("default", lambda b: ours(b, [])),
+                  (f"--threads {cores}", lambda b: ours(b, ["--threads", str(cores)])),
+                  ("reference", reference)]
+    rows = {}
+    for rep in range(args.reps):
+        for b in batch_sizes:
+            for busy in ([False, True] if rep % 2 == 0 else [True, False]):
+                hog = subprocess.Popen(["sh", "-c", "while :; do :; done"]) if busy else None
+                try:
+                    if hog:
+                        time.sleep(0.5)
+                    for name, run in contenders[rep % 3:] + contenders[:rep % 3]:
+                        rows.setdefault((name, b, busy), []).append(run(b))
+                finally:
+                    if hog:
+                        hog.kill()
+                        hog.wait()
+    print(f"\nTraining images/s (after the first step), median of {args.reps} reps, quiet and beside one "
+          f"busy process (`sh -c 'while :; do :; done'`, started 0.5 s before), interleaved; {cores} cores\n")
+    print("| B | contender | quiet | busy | busy ÷ quiet (median within reps) | quiet ÷ default's quiet |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for b in batch_sizes:
+        for name, _ in contenders:
+            q, z = rows[(name, b, False)], rows[(name, b, True)]
+            kept = median([y / x for x, y in zip(q, z)])
+            vs = median([x / d for x, d in zip(q, rows[("default", b, False)])])
+            print(f"| {b} | {name} | {median(q):,.0f} | {median(z):,.0f} | {100 * kept:.0f}% | {100 * vs:.0f}% |")
+    print("\nall runs:", json.dumps({f"{n}/{b}/{'busy' if z else 'quiet'}": [round(v) for v in r]
+                                    for (n, b, z), r in rows.items()}))
+
+
 def bench_accuracy(args):
     """The tutorial's settings at batch 32 for 10 epochs: test accuracy of both (one run each)."""
     data = args.data
@@ -282,7 +335,7 @@ def bench_accuracy(args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["prep", "loader", "train", "accuracy"])
+    ap.add_argument("what", choices=["prep", "loader", "train", "accuracy", "busy"])
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--data", default=os.path.join(ROOT, "data"))
     ap.add_argument("--reps", type=int, default=5)
@@ -293,7 +346,8 @@ def main():
                     help="prep: the CIFAR tarball, the image folder, or both")
     args = ap.parse_args()
     args.data = os.path.abspath(args.data)
-    {"prep": bench_prep, "loader": bench_loader, "train": bench_train, "accuracy": bench_accuracy}[args.what](args)
+    {"prep": bench_prep, "loader": bench_loader, "train": bench_train, "accuracy": bench_accuracy,
+     "busy": bench_busy}[args.what](args)
 
 
 if __name__ == "__main__":

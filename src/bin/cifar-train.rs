@@ -97,7 +97,8 @@ struct Args {
     /// 2,000 steps of 4).
     #[arg(long)]
     log_every: Option<usize>,
-    /// CPU threads for libtorch (default: libtorch's choice).
+    /// CPU threads for libtorch (default: the cores other programs leave free, looked at once a
+    /// second).
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     threads: Option<i32>,
     /// Stop after N steps in all (checkpointing first, if --checkpoint), then evaluate.
@@ -352,6 +353,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         metrics: args.metrics.clone(),
         log_every: args.log_every.unwrap_or(8000usize.checked_div(args.batch_size).unwrap_or(1).max(1)),
         max_steps: args.max_steps,
+        adapt_threads: args.threads.is_none(),
         preview_batch: args.preview_batch.clone(),
         plot: args.plot.clone(),
         ..TrainConfig::tutorial(PathBuf::new(), None)

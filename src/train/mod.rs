@@ -7,6 +7,7 @@ pub mod model;
 pub mod plots;
 pub mod resident;
 pub mod sgd;
+pub mod threads;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -75,6 +76,9 @@ pub struct TrainConfig {
     pub log_every: usize,
     /// Stop after this many steps in all (checkpointing first).
     pub max_steps: Option<usize>,
+    /// Fit libtorch's thread count to the cores other programs leave free, looking once a
+    /// second ([`threads::Governor`]); off when the user fixed the count.
+    pub adapt_threads: bool,
     /// Save the first training batch, as the model receives it, as a PNG grid here.
     pub preview_batch: Option<PathBuf>,
     /// Draw the run's charts (SVG) into this directory at the end.
@@ -108,6 +112,7 @@ impl TrainConfig {
             metrics: None,
             log_every: 2000,
             max_steps: None,
+            adapt_threads: false,
             preview_batch: None,
             plot: None,
         }
@@ -262,6 +267,14 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
         (cfg.epochs.saturating_sub(pos.epoch) as usize * batches.per_epoch()).saturating_sub(pos.step);
     progress.run(cfg.max_steps.map_or(remaining, |m| remaining.min(m.saturating_sub(pos.global_step))));
 
+    let mut governor = if cfg.adapt_threads && cfg.device == Device::Cpu {
+        threads::Governor::start(std::time::Duration::from_millis(300))
+    } else {
+        None
+    };
+    if let Some(g) = &governor {
+        progress.line(&format!("libtorch threads: {} (the cores other programs leave free)", g.threads()));
+    }
     // `--max-steps 0` (or a resumed run already past it) trains no step.
     let no_steps = cfg.max_steps.is_some_and(|m| pos.global_step >= m);
     'epochs: while pos.epoch < cfg.epochs && !no_steps {
@@ -294,6 +307,9 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
             times.add(waited, copy, (now - t0).saturating_sub(waited + copy), now - last, n);
             last = now;
             record.step(&times);
+            if let Some(g) = &mut governor {
+                g.tick();
+            }
             pos.step += 1;
             pos.global_step += 1;
             record.chart_point(pos, &mut window, &times, false);
@@ -477,6 +493,9 @@ impl TrainConfig {
     }
 }
 
+/// Loader threads a run may ask for: beyond this, threads only cost memory and switches.
+pub const MAX_WORKERS: usize = 256;
+
 /// The settings `run` refuses before touching any data.
 fn check(cfg: &TrainConfig) -> Result<()> {
     if cfg.batch_size == 0 {
@@ -493,6 +512,9 @@ fn check(cfg: &TrainConfig) -> Result<()> {
     }
     if cfg.prefetch == Some(0) {
         return Err(Error::Config("--prefetch must be at least 1".into()));
+    }
+    if cfg.workers > MAX_WORKERS {
+        return Err(Error::Config(format!("--workers {}: at most {MAX_WORKERS}", cfg.workers)));
     }
     if cfg.log_every == 0 {
         return Err(Error::Config("--log-every must be at least 1".into()));

@@ -410,10 +410,28 @@ pub fn prepare(
             });
         }
         drop(done_tx);
+        // The decoded pixels are held until they are sorted: refuse before they outgrow memory
+        // (a huge --size, or a folder of millions of images), not after an out-of-memory kill.
+        #[cfg(target_os = "linux")]
+        let room = crate::store::available_memory().map_or(u64::MAX, |m| m / 2);
+        #[cfg(not(target_os = "linux"))]
+        let room = u64::MAX;
         let collector = s.spawn(move || {
             let mut out: Vec<Option<(u32, u32, Vec<u8>)>> = Vec::new();
+            let mut held = 0u64;
             for (i, r) in done_rx {
                 let img = r?;
+                held += img.2.len() as u64;
+                if held > room {
+                    return Err(Error::format(
+                        input,
+                        format!(
+                            "its decoded images need more than half the available memory ({:.1} GB so far): \
+                             use a smaller --size, or split the folder",
+                            held as f64 / 1e9
+                        ),
+                    ));
+                }
                 if out.len() <= i {
                     out.resize_with(i + 1, || None);
                 }

@@ -280,9 +280,9 @@ impl TensorFile {
     }
 }
 
-/// `MemAvailable` from `/proc/meminfo`, in bytes.
+/// `MemAvailable` from `/proc/meminfo`, in bytes (`None` where it cannot be read).
 #[cfg(target_os = "linux")]
-fn available_memory() -> Option<u64> {
+pub fn available_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -169,25 +169,6 @@ pub struct Summary {
     pub not_drawn: Vec<(String, String)>,
 }
 
-/// Keeps freed tensor memory in the process instead of returning it to the OS.
-///
-/// glibc serves blocks over its (adaptive) mmap threshold with a fresh `mmap` and unmaps them on
-/// free, so every step's activations and gradients (600 KB for LeNet's first conv at batch 32)
-/// are page-faulted in anew: measured here, 600 faults a step and a LeNet CPU step 1.5× slower,
-/// and erratic, depending on where the threshold had drifted. Fixing the thresholds keeps those
-/// blocks on the heap for reuse, as PyTorch users get from jemalloc or tcmalloc. Call it first
-/// thing in `main`, before any thread allocates. (`cifar-train` goes further and links jemalloc
-/// as the process's allocator, which libtorch then uses too: see its source.)
-pub fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: `mallopt` only sets allocator parameters; it is called before other threads exist
-    // (the documented use) and with values in range.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
-}
-
 /// Set by the binary's Ctrl-C handler; the loop finishes its step, checkpoints and returns.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 

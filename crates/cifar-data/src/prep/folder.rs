@@ -17,7 +17,7 @@ use image::imageops::FilterType;
 use sha2::{Digest, Sha256};
 
 use super::layout::{CHANNELS, Records};
-use super::tarball::{InputKind, hex, input_kind};
+use super::tarball::{InputKind, hex, input_kind, open_archive};
 use super::writer::{Normalize, TensorFileWriter};
 use super::{Metadata, Norm, PrepOptions, PrepSummary, SplitSummary, channel_stats};
 use crate::error::{Error, IoContext, Result};
@@ -332,10 +332,7 @@ fn up_to_date(input: &Path, name: &str, print: &str, tag: &str, out_dir: &Path) 
         out.push(SplitSummary { split, path, images: f.len(), per_class, bytes });
     }
     out.sort_by_key(|s| (s.split != "train", s.split.clone()));
-    let source = super::tarball::SourceInfo {
-        name: input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-        ..Default::default()
-    };
+    let source = super::tarball::SourceInfo::named(input);
     Some(PrepSummary {
         dataset: name.into(),
         source,
@@ -571,10 +568,7 @@ pub fn prepare(
         splits.push(summary);
     }
     splits.sort_by_key(|s| (s.split != "train", s.split.clone()));
-    let source = super::tarball::SourceInfo {
-        name: input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-        ..Default::default()
-    };
+    let source = super::tarball::SourceInfo::named(input);
     Ok(PrepSummary {
         dataset: name,
         source,
@@ -584,14 +578,6 @@ pub fn prepare(
         skipped: false,
         image_folder: true,
     })
-}
-
-/// A (gzipped) tar stream over `reader`, read in large blocks.
-fn open_archive<'a>(reader: impl Read + 'a, gzipped: bool) -> tar::Archive<Box<dyn Read + 'a>> {
-    let reader = std::io::BufReader::with_capacity(1 << 20, reader);
-    let stream: Box<dyn Read + 'a> =
-        if gzipped { Box::new(flate2::bufread::GzDecoder::new(reader)) } else { Box::new(reader) };
-    tar::Archive::new(stream)
 }
 
 /// Calls `visit(components, path for messages, bytes)` for each image member of a (gzipped) tar,

@@ -189,10 +189,7 @@ fn up_to_date(input: &Path, print: &str, out_dir: &Path, opts: &PrepOptions) -> 
         let files: Vec<TensorFile> =
             splits.iter().filter_map(|s: &SplitSummary| TensorFile::open(&s.path).ok()).collect();
         if splits.len() == 2 && same_conversion(&files) {
-            let source = SourceInfo {
-                name: input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-                ..Default::default()
-            };
+            let source = SourceInfo::named(input);
             let dataset = kind.name().into();
             return Ok(Some(PrepSummary {
                 dataset,

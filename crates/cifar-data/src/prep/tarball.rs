@@ -24,6 +24,13 @@ pub struct SourceInfo {
     pub sha256: String,
 }
 
+impl SourceInfo {
+    /// The input's name alone, for output found up to date (nothing was read or hashed).
+    pub fn named(input: &Path) -> Self {
+        SourceInfo { name: file_name(input), ..Default::default() }
+    }
+}
+
 /// The first bytes tell a gzip stream (`1f 8b`) and a tar (`ustar` at 257) apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InputKind {
@@ -129,6 +136,15 @@ pub fn for_each_member(
     }
 }
 
+/// A (gzipped) tar stream over `reader`, read in large blocks: few messages to the hasher, few
+/// calls into the decompressor.
+pub(crate) fn open_archive<'a>(reader: impl Read + 'a, gzipped: bool) -> tar::Archive<Box<dyn Read + 'a>> {
+    let reader = io::BufReader::with_capacity(1 << 20, reader);
+    let stream: Box<dyn Read + 'a> =
+        if gzipped { Box::new(flate2::bufread::GzDecoder::new(reader)) } else { Box::new(reader) };
+    tar::Archive::new(stream)
+}
+
 /// The archive half of [`for_each_member`]: a (gzipped) tar stream, with `input` naming it in
 /// errors. Public for the fuzz target.
 pub fn for_each_archived_member(
@@ -138,11 +154,7 @@ pub fn for_each_archived_member(
     mut visit: impl FnMut(Role, &str, &Path, Vec<u8>) -> Result<()>,
 ) -> Result<()> {
     let corrupt = |e: io::Error| Error::format(input, format!("corrupt or truncated archive: {e}"));
-    // Large reads: few messages to the hasher, few calls into the decompressor.
-    let reader = io::BufReader::with_capacity(1 << 20, reader);
-    let stream: Box<dyn Read + '_> =
-        if gzipped { Box::new(flate2::bufread::GzDecoder::new(reader)) } else { Box::new(reader) };
-    let mut archive = tar::Archive::new(stream);
+    let mut archive = open_archive(reader, gzipped);
     for entry in archive.entries().map_err(corrupt)? {
         let mut entry = entry.map_err(corrupt)?;
         if !entry.header().entry_type().is_file() {

@@ -143,6 +143,25 @@ fn splits_that_do_not_belong_together_are_refused_before_training() {
     );
 }
 
+/// Starts a long `cifar-train` run on `dir` and returns once it is training its second epoch
+/// (its stdout read that far; the rest still to read).
+fn train_into_epoch_2(
+    dir: &Path,
+    extra: &[&str],
+) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
+    let mut child = Command::new(train_exe())
+        .args(["--data", dir.to_str().unwrap(), "--device", "cpu", "--threads", "1", "--epochs", "100000"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while out.read_line(&mut line).unwrap() > 0 && !line.contains("epoch 2:") {}
+    (child, out)
+}
+
 fn kill(child: &std::process::Child, signal: i32) {
     // SAFETY: `kill` only sends a signal to the child's pid, which we still own (not reaped).
     assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
@@ -152,17 +171,7 @@ fn kill(child: &std::process::Child, signal: i32) {
 fn sigterm_checkpoints_a_training_run_as_ctrl_c_does() {
     let dir = learnable_data(&scratch("robust_sigterm"), 4);
     let ck = dir.join("ck");
-    let mut child = Command::new(train_exe())
-        .args(["--data", dir.to_str().unwrap(), "--device", "cpu", "--threads", "1", "--epochs", "100000"])
-        .args(["--no-eval", "--checkpoint", ck.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Wait until it trains (its first epoch line), then stop it.
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    while out.read_line(&mut line).unwrap() > 0 && !line.contains("epoch 2:") {}
+    let (mut child, mut out) = train_into_epoch_2(&dir, &["--no-eval", "--checkpoint", ck.to_str().unwrap()]);
     kill(&child, libc::SIGTERM);
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
@@ -175,22 +184,12 @@ fn sigterm_checkpoints_a_training_run_as_ctrl_c_does() {
 /// Serves a download that never ends: the headers promise 100 MB, then a little comes every
 /// 50 ms until the client goes.
 fn serve_trickle() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/cifar.tar.gz", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        let (stream, _) = listener.accept().unwrap();
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut line = String::new();
-        while reader.read_line(&mut line).unwrap() > 2 {
-            line.clear();
-        }
-        let mut s = stream;
+    serve(|mut s| {
         let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n");
         while s.write_all(&[0u8; 1024]).is_ok() {
             std::thread::sleep(Duration::from_millis(50));
         }
-    });
-    url
+    })
 }
 
 #[test]
@@ -295,22 +294,6 @@ fn fifos_and_devices_are_refused_as_any_input_without_a_hang() {
         limit,
     );
     refused(&o, "cifar10-test.safetensors: is a FIFO, not a regular file");
-}
-
-/// Serves one connection with `respond` after reading the request's headers.
-fn serve(respond: impl FnOnce(std::net::TcpStream) + Send + 'static) -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/cifar.tar.gz", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        let (stream, _) = listener.accept().unwrap();
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut line = String::new();
-        while reader.read_line(&mut line).unwrap_or(0) > 2 {
-            line.clear();
-        }
-        respond(stream);
-    });
-    url
 }
 
 #[test]
@@ -436,16 +419,7 @@ fn splits_of_two_conversions_are_never_a_pair_and_up_to_date_follows_the_content
 #[test]
 fn a_training_file_truncated_under_a_run_is_a_clear_error_not_a_bus_error() {
     let dir = learnable_data(&scratch("robust_sigbus"), 40);
-    let mut child = Command::new(train_exe())
-        .args(["--data", dir.to_str().unwrap(), "--device", "cpu", "--threads", "1", "--epochs", "100000"])
-        .arg("--no-eval")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    while out.read_line(&mut line).unwrap() > 0 && !line.contains("epoch 2:") {}
+    let (mut child, _out) = train_into_epoch_2(&dir, &["--no-eval"]);
     // Cut the mapped file to its header and a few images, as another program might.
     let train = dir.join("cifar10-train.safetensors");
     std::fs::File::options().write(true).open(&train).unwrap().set_len(40_000).unwrap();

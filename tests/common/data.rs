@@ -206,23 +206,30 @@ pub fn run_with_stdout_closed(exe: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -
     Command::new(exe).args(args.iter().map(|a| a.as_ref())).stdout(writer).output().unwrap()
 }
 
-/// Serves `body` once over HTTP on 127.0.0.1; returns its URL.
-pub fn serve_once(body: Vec<u8>) -> String {
-    use std::io::{BufRead, BufReader, Write};
+/// Serves one HTTP connection on 127.0.0.1: reads the request's headers, then hands the stream
+/// to `respond`. Returns the URL.
+pub fn serve(respond: impl FnOnce(std::net::TcpStream) + Send + 'static) -> String {
+    use std::io::{BufRead, BufReader};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/cifar.tar.gz", listener.local_addr().unwrap());
     std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
         let mut reader = BufReader::new(stream.try_clone().unwrap());
         let mut line = String::new();
-        while reader.read_line(&mut line).unwrap() > 2 {
+        while reader.read_line(&mut line).unwrap_or(0) > 2 {
             line.clear();
         }
-        let mut s = stream;
-        write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
-        s.write_all(&body).unwrap();
+        respond(stream);
     });
     url
+}
+
+/// Serves `body` once over HTTP on 127.0.0.1; returns its URL.
+pub fn serve_once(body: Vec<u8>) -> String {
+    serve(move |mut s| {
+        write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
+        s.write_all(&body).unwrap();
+    })
 }
 
 /// A URL on 127.0.0.1 where nothing listens: a download from it fails at once, as with no

@@ -1,4 +1,6 @@
-//! Makes the binaries, tests and examples start without `LD_LIBRARY_PATH` and see CUDA.
+//! Compiles the C++ bridge (`src/bridge/bridge.cpp`: c10d, which tch lacks) against the libtorch
+//! tch links, and makes the binaries, tests and examples start without `LD_LIBRARY_PATH` and
+//! see CUDA.
 //!
 //! torch-sys links libtorch but leaves no rpath in the executables, so they would fail with
 //! `libtorch_cpu.so: cannot open shared object file`; and the linker's default `--as-needed`
@@ -9,7 +11,8 @@ use std::path::Path;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    for watched in ["build.rs", "tests", "examples", "benches"] {
+    println!("cargo:rerun-if-env-changed=GLOO_INCLUDE_DIR");
+    for watched in ["build.rs", "tests", "examples", "benches", "src/bridge/bridge.cpp"] {
         println!("cargo:rerun-if-changed={watched}");
     }
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
@@ -17,6 +20,7 @@ fn main() {
     };
     // The real path, so the rpath survives the `.libtorch` link being re-pointed or removed.
     let lib = Path::new(&lib).canonicalize().unwrap_or_else(|_| lib.clone().into());
+    bridge(&lib);
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     if lib.join("libtorch_cuda.so").exists() {
         // Everything that may train: not cifar-prep, which uses only cifar-data and links no torch.
@@ -33,4 +37,47 @@ fn main() {
             println!("cargo:rustc-link-arg{target}=-Wl,--pop-state");
         }
     }
+}
+
+/// Compiles the bridge with the flags libtorch's wheel was built with (C++17, the new string
+/// ABI) and c10d's Gloo switch, which without it leaves `ProcessGroupGloo.hpp` empty, silently.
+/// Gloo's headers (not shipped in the wheel) come from Debian's `libgloo-dev`, which
+/// `tools/setup` installs, or `GLOO_INCLUDE_DIR`; only its headers are used, never its
+/// `libgloo.so`, whose symbols would clash with the copy inside `libtorch_cpu.so`. Without them
+/// the bridge still builds, and making a Gloo group says what is missing.
+fn bridge(lib: &Path) {
+    let torch = lib.parent().expect("libtorch's lib dir has a parent");
+    let include = torch.join("include");
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .file("src/bridge/bridge.cpp")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        // libtorch's headers as system headers: their own warnings are not ours to fix.
+        .flag("-isystem")
+        .flag(include.to_str().expect("a UTF-8 libtorch path"))
+        .flag("-isystem")
+        .flag(include.join("torch/csrc/api/include").to_str().expect("a UTF-8 libtorch path"));
+    let gloo = std::env::var_os("GLOO_INCLUDE_DIR")
+        .map(std::path::PathBuf::from)
+        .into_iter()
+        .chain([std::path::PathBuf::from("/usr/include")])
+        .find(|dir| dir.join("gloo/config.h").is_file());
+    match gloo {
+        Some(dir) => {
+            build.define("USE_C10D_GLOO", None).define("CIFAR_HAVE_GLOO", None);
+            // (/usr/include is searched already; naming it again would break `#include_next`.)
+            if dir != Path::new("/usr/include") {
+                build.flag("-isystem").flag(dir.to_str().expect("a UTF-8 gloo path"));
+            }
+        }
+        None => println!(
+            "cargo:warning=gloo's headers not found (Debian: libgloo-dev; or set GLOO_INCLUDE_DIR): \
+             the bridge is built without the Gloo backend, so CPU training stays single-process"
+        ),
+    }
+    build.compile("cifar_bridge");
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
 }

@@ -45,6 +45,8 @@ for epoch in 0..10 {
 #![deny(missing_docs)]
 
 pub use cifar_data::{augment, error, files, image_folder, prep, preview, sampler, source, store};
+pub mod bridge;
+pub mod dist;
 pub mod loader;
 pub mod train;
 

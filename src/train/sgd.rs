@@ -63,12 +63,19 @@ impl Sgd {
     /// where `mul_`/`add_` and `mul`/`sub_` took two: on the CPU 1.05× the whole batch-4 step,
     /// and two launches fewer on a GPU, where a LeNet step is bound by launches.
     pub fn step(&mut self) {
+        self.step_with(Ok::<_, std::convert::Infallible>).unwrap_or_else(|e| match e {});
+    }
+
+    /// [`Sgd::step`], with the gradient of all parameters, flat in name order, passed through
+    /// `reduce` first: data-parallel training averages it over the ranks there (one collective
+    /// for the whole model). An error from `reduce` leaves the parameters untouched.
+    pub fn step_with<E>(&mut self, reduce: impl FnOnce(Tensor) -> Result<Tensor, E>) -> Result<(), E> {
         if !matches!(&self.factors, Some((m, lr, ..)) if *m == self.momentum && *lr == self.lr) {
             let scalar = |v: f64| Tensor::from(v as f32).to_device(self.flat.device());
             self.factors = Some((self.momentum, self.lr, scalar(self.momentum), scalar(-self.lr)));
         }
         let (.., momentum, neg_lr) = self.factors.as_ref().unwrap();
-        tch::no_grad(|| {
+        tch::no_grad(|| -> Result<(), E> {
             let grads: Vec<Tensor> = self
                 .params
                 .iter()
@@ -77,7 +84,7 @@ impl Sgd {
                     if g.defined() { g.view([*n]) } else { Tensor::zeros([*n], (Kind::Float, p.device())) }
                 })
                 .collect();
-            let mut d = Tensor::cat(&grads, 0);
+            let mut d = reduce(Tensor::cat(&grads, 0))?;
             if self.weight_decay != 0.0 {
                 let _ = d.g_add_(&self.flat.g_mul_scalar(self.weight_decay));
             }
@@ -93,7 +100,24 @@ impl Sgd {
                 d = self.buffer.as_ref().unwrap().shallow_clone();
             }
             let _ = self.flat.addcmul_(&d, neg_lr);
-        });
+            Ok(())
+        })
+    }
+
+    /// All parameters, flat in name order (a view the variables share: writing it writes them).
+    pub fn flat_params(&self) -> &Tensor {
+        &self.flat
+    }
+
+    /// The momentum buffer, flat in name order (`None` before the first step).
+    pub fn flat_momentum(&self) -> Option<&Tensor> {
+        self.buffer.as_ref()
+    }
+
+    /// Makes the momentum buffer exist (zeros where there was none), so that it can be
+    /// overwritten in place, as a broadcast does.
+    pub fn ensure_momentum(&mut self) -> &Tensor {
+        self.buffer.get_or_insert_with(|| self.flat.zeros_like())
     }
 
     /// The momentum buffer by variable name (for a checkpoint); empty before the first step.

@@ -44,6 +44,9 @@ pub enum Error {
     /// The user interrupted the work (Ctrl-C, SIGTERM).
     #[error("interrupted")]
     Interrupted,
+    /// Data-parallel training failed: a rank is gone or disagrees, or the launch is wrong.
+    #[error("{0}")]
+    Distributed(String),
     /// A download failed.
     #[error("download of {url} failed: {msg}")]
     Download {

@@ -4,7 +4,11 @@ mod common;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use anyhow::{Context, bail};
+use cifar_fast::dist::{Launch, ProcessGroup, launch};
 use cifar_fast::prep::{self, PrepOptions, download};
 use cifar_fast::train::{self, ModelKind, Progress, TrainConfig};
 use clap::{Parser, ValueEnum};
@@ -116,6 +120,17 @@ struct Args {
     /// Draw SVG charts of the run into DIR: loss, accuracy, speed, data wait, confusion matrix.
     #[arg(long, value_name = "DIR")]
     plot: Option<PathBuf>,
+    /// Start N ranks on this machine and train data-parallel, as `torchrun --standalone
+    /// --nproc-per-node N` would (--batch-size is each rank's). Under torchrun or srun leave it
+    /// out: their variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, ...) are read.
+    #[arg(long, visible_alias = "nproc_per_node", value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    nproc_per_node: Option<u16>,
+    /// Data-parallel runs: seconds a rank waits for the others (to join, and at each step)
+    /// before naming the rank that is gone or hangs and ending with an error.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    dist_timeout: u64,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -309,7 +324,12 @@ fn main() {
         if matches!(e.downcast_ref::<cifar_fast::Error>(), Some(cifar_fast::Error::Interrupted)) {
             std::process::exit(130);
         }
-        eprintln!("cifar-train: error: {e:#}");
+        // A rank of a data-parallel job says which it is.
+        let rank = std::env::var("WORLD_SIZE").ok().and(std::env::var("RANK").ok());
+        match rank {
+            Some(r) => eprintln!("cifar-train: rank {r}: error: {e:#}"),
+            None => eprintln!("cifar-train: error: {e:#}"),
+        }
         std::process::exit(1);
     }
     if train::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
@@ -318,9 +338,29 @@ fn main() {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    let launch = Launch::from_env()?;
+    let nproc = args.nproc_per_node.map_or(1, usize::from);
+    if nproc > 1 && launch.is_some() {
+        bail!(
+            "--nproc-per-node starts ranks itself: leave it out under torchrun or srun (RANK and \
+             WORLD_SIZE are set here)"
+        );
+    }
+    // A rank on CUDA trains on its own GPU, LOCAL_RANK.
     let device = parse_device(&args.device)?;
-    if let Some(n) = args.threads {
-        tch::set_num_threads(n);
+    let device = launch.as_ref().map_or(device, |l| l.device(device));
+    let local_ranks = launch.as_ref().map_or(nproc, |l| l.local_world);
+    match args.threads {
+        Some(n) => tch::set_num_threads(n),
+        // Ranks on one machine share its cores: OMP_NUM_THREADS where the launcher set it
+        // (torchrun sets 1), else each its part, fixed (the governor would take the other
+        // ranks for other programs).
+        None if local_ranks > 1 => {
+            let cores = std::thread::available_parallelism().map_or(1, usize::from);
+            let omp = std::env::var("OMP_NUM_THREADS").ok().and_then(|v| v.parse::<usize>().ok());
+            tch::set_num_threads(omp.unwrap_or(cores / local_ranks).max(1) as i32);
+        }
+        None => {}
     }
     let resident = match args.resident {
         Resident::On => true,
@@ -353,7 +393,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         metrics: args.metrics.clone(),
         log_every: args.log_every.unwrap_or(8000usize.checked_div(args.batch_size).unwrap_or(1).max(1)),
         max_steps: args.max_steps,
-        adapt_threads: args.threads.is_none(),
+        adapt_threads: args.threads.is_none() && local_ranks == 1,
         preview_batch: args.preview_batch.clone(),
         plot: args.plot.clone(),
         ..TrainConfig::tutorial(PathBuf::new(), None)
@@ -375,26 +415,74 @@ fn run(args: Args) -> anyhow::Result<()> {
             std::fs::create_dir_all(d).with_context(|| format!("{flag} {}", d.display()))?;
         }
     }
-    let (train_path, test_path) = find_data(&args)?;
-    (cfg.train, cfg.test) = (train_path, Some(test_path));
-    ctrlc::set_handler(|| {
-        eprintln!("\ninterrupted: finishing this step, then checkpointing");
-        train::INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+    let main = launch.as_ref().is_none_or(|l| l.rank == 0);
+    ctrlc::set_handler(move || {
+        // Once, and from one process: every rank of a local job gets the terminal's Ctrl-C.
+        if !train::INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) && main {
+            eprintln!("\ninterrupted: finishing this step, then checkpointing");
+        }
     })
     .context("installing the Ctrl-C handler")?;
-    say!(
-        "training {} on {:?} ({}), batch {}, {} epochs, {} threads",
-        cfg.model.name(),
-        device,
-        if resident { "data resident on the device" } else { "pipelined loader" },
-        cfg.batch_size,
-        cfg.epochs,
-        tch::get_num_threads()
-    );
+    if nproc > 1 {
+        // The launcher: the data is made once, here, before the ranks look for it.
+        find_data(&args)?;
+        return launch_ranks(nproc, Duration::from_secs(args.dist_timeout));
+    }
+    let group = match &launch {
+        Some(l) => Some(Arc::new(ProcessGroup::join(l, device, Duration::from_secs(args.dist_timeout))?)),
+        None => None,
+    };
+    // One rank a machine prepares data that is not there yet; the others wait for it.
+    let prepares = launch.as_ref().is_none_or(|l| l.local_rank == 0);
+    let data = prepares.then(|| find_data(&args));
+    if let Some(g) = &group {
+        g.exchange(
+            "data",
+            data.as_ref().map_or(Ok(String::new()), |d| match d {
+                Ok(_) => Ok(String::new()),
+                Err(e) => Err(format!("{e:#}")),
+            }),
+        )?;
+    }
+    let (train_path, test_path) = match data {
+        Some(d) => d?,
+        None => find_data(&args)?,
+    };
+    (cfg.train, cfg.test) = (train_path, Some(test_path));
+    cfg.group = group.clone();
+    let ranks = match &group {
+        Some(g) => format!(" per rank × {} ranks ({})", g.world(), g.backend()),
+        None => String::new(),
+    };
+    if main {
+        let threads = tch::get_num_threads();
+        say!(
+            "training {} on {:?} ({}), batch {}{ranks}, {} epochs, {threads} thread{}{}",
+            cfg.model.name(),
+            device,
+            if resident { "data resident on the device" } else { "pipelined loader" },
+            cfg.batch_size,
+            cfg.epochs,
+            if threads == 1 { "" } else { "s" },
+            if group.is_some() { " each" } else { "" }
+        );
+    }
     let mut report = Report { bar: None, epoch: 0 };
-    let s = train::run(&cfg, &mut report)?;
+    let s = match train::run(&cfg, &mut report) {
+        Ok(s) => s,
+        Err(e) => {
+            // The others will name this rank, with why, when their next step fails.
+            if let Some(g) = group.as_ref().filter(|_| !matches!(e, cifar_fast::Error::Distributed(_))) {
+                g.report_failure(&e.to_string());
+            }
+            return Err(e.into());
+        }
+    };
     if let Some(bar) = &report.bar {
         bar.finish_and_clear();
+    }
+    if !main {
+        return Ok(());
     }
     if let Some(e) = &s.eval {
         say!(
@@ -408,15 +496,18 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let t = &s.times;
     let per_epoch = s.epoch_seconds.map(|e| format!(", {e:.2} s per epoch")).unwrap_or_default();
-    say!("{} steps, {:.0} images/s{per_epoch}; final loss {:.3}", s.steps, s.images_per_s, s.final_loss);
+    let job = if s.ranks > 1 { format!(" (all {} ranks)", s.ranks) } else { String::new() };
+    say!("{} steps, {:.0} images/s{job}{per_epoch}; final loss {:.3}", s.steps, s.images_per_s, s.final_loss);
     if let Some(steady) = s.steady_images_per_s {
         say!(
             "warm-up: the first step took {:.1} ms; {steady:.0} images/s after it",
             1e3 * s.first_step_seconds
         );
     }
+    let comm =
+        if s.ranks > 1 { format!(" | communication {:.2}%", 100.0 * t.comm_share()) } else { String::new() };
     say!(
-        "step time: waiting on data {:.2}% | host-to-device copy {:.2}% | compute {:.2}%",
+        "step time: waiting on data {:.2}% | host-to-device copy {:.2}% | compute {:.2}%{comm}",
         100.0 * s.data_wait_share,
         100.0 * t.copy_share(),
         100.0 * t.compute_share()
@@ -438,6 +529,36 @@ fn run(args: Args) -> anyhow::Result<()> {
             ),
             None => say!("stopped at epoch {}, step {} (no --checkpoint given)", at.epoch + 1, at.step),
         }
+    }
+    Ok(())
+}
+
+/// `--nproc-per-node N`: this program again as N ranks (the same arguments without that
+/// option); their exits, reported.
+fn launch_ranks(n: usize, timeout: Duration) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("finding this program to start its ranks")?;
+    let mut args = Vec::new();
+    let mut given = std::env::args_os().skip(1);
+    while let Some(a) = given.next() {
+        let s = a.to_string_lossy();
+        if s == "--nproc-per-node" || s == "--nproc_per_node" {
+            given.next();
+        } else if !(s.starts_with("--nproc-per-node=") || s.starts_with("--nproc_per_node=")) {
+            args.push(a);
+        }
+    }
+    // Past the timeout the ranks name the failed one themselves; a few seconds more for that.
+    let grace = timeout + Duration::from_secs(10);
+    let exits = launch::local(n, &exe, &args, grace, &train::INTERRUPTED)?;
+    let problems: Vec<String> = exits
+        .iter()
+        .filter(|e| {
+            !(e.status.code() == Some(130) && train::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst))
+        })
+        .filter_map(launch::RankExit::problem)
+        .collect();
+    if !problems.is_empty() {
+        bail!("{}", problems.join("; "));
     }
     Ok(())
 }

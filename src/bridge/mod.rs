@@ -160,6 +160,10 @@ pub struct Group(*mut CGroup);
 // SAFETY: c10d backends are made to be called from any thread (Python's DDP calls them from
 // autograd's); the handle is only an owning pointer.
 unsafe impl Send for Group {}
+// SAFETY: c10d backends queue collectives under their own lock (Gloo's work queue, NCCL's
+// per-device state); what a caller must keep is the same order of collectives on every rank,
+// which is about meaning, not memory.
+unsafe impl Sync for Group {}
 
 impl Group {
     /// Joins the group of `world` ranks on `store` as `rank`, with `backend` "gloo" (CPU

@@ -1,1 +1,126 @@
-//! Starting local ranks: `cifar-train --nproc-per-node N`, as `torchrun --standalone` does.
+//! Starting local ranks, as `torchrun --standalone --nproc-per-node N` does: the same program
+//! N times, each told its place through torchrun's variables, with a free port on 127.0.0.1
+//! for the rendezvous; interrupts passed on; a rank left running after another failed is
+//! stopped once the others have had their timeout to notice.
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+/// How one rank ended.
+#[derive(Debug)]
+pub struct RankExit {
+    /// Its rank.
+    pub rank: usize,
+    /// Its exit status.
+    pub status: ExitStatus,
+    /// The launcher killed it: still running `grace` after another rank failed.
+    pub killed: bool,
+}
+
+impl RankExit {
+    /// What happened, for a line of the launcher's report (`None` for a clean exit).
+    pub fn problem(&self) -> Option<String> {
+        use std::os::unix::process::ExitStatusExt;
+        if self.status.success() {
+            return None;
+        }
+        Some(match (self.killed, self.status.code(), self.status.signal()) {
+            (true, ..) => format!("rank {} was still running after another rank failed: stopped", self.rank),
+            (_, Some(code), _) => format!("rank {} exited with code {code}", self.rank),
+            (_, None, Some(sig)) => format!("rank {} was killed by signal {sig}", self.rank),
+            _ => format!("rank {} ended: {}", self.rank, self.status),
+        })
+    }
+}
+
+/// Runs `exe args` as ranks `0..n` of one job on this machine and waits for all of them.
+///
+/// Each rank gets `RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`
+/// (127.0.0.1) and `MASTER_PORT` (a free port), and the launcher's stdin/stdout/stderr. When
+/// `interrupted` becomes true (the caller's Ctrl-C/SIGTERM handler), each rank is sent SIGINT
+/// once, so all stop at one step and checkpoint. When a rank fails, the others are given
+/// `grace` to notice and end by themselves (they name the failed rank), then killed.
+pub fn local(
+    n: usize,
+    exe: &Path,
+    args: &[OsString],
+    grace: Duration,
+    interrupted: &AtomicBool,
+) -> Result<Vec<RankExit>> {
+    let port = free_port()?;
+    let mut children: Vec<(usize, Child)> = Vec::with_capacity(n);
+    for rank in 0..n {
+        let child = Command::new(exe)
+            .args(args)
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", n.to_string())
+            .env("LOCAL_WORLD_SIZE", n.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .env_remove("TORCHELASTIC_USE_AGENT_STORE")
+            .spawn();
+        match child {
+            Ok(c) => children.push((rank, c)),
+            Err(e) => {
+                for (_, c) in &mut children {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                return Err(Error::io(exe, e));
+            }
+        }
+    }
+    let mut exits = Vec::with_capacity(n);
+    let mut passed_on = false;
+    let mut failed_at: Option<Instant> = None;
+    while !children.is_empty() {
+        if interrupted.load(Ordering::SeqCst) && !passed_on {
+            passed_on = true;
+            for (_, c) in &children {
+                // SAFETY: `kill` with a pid of our own child that has not been waited for (so
+                // not reused) and a valid signal number has no memory effects.
+                unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGINT) };
+            }
+        }
+        let overdue = failed_at.is_some_and(|t| t.elapsed() > grace);
+        let mut i = 0;
+        while i < children.len() {
+            let (rank, child) = &mut children[i];
+            let done = match child.try_wait().map_err(|e| Error::io(exe, e))? {
+                Some(status) => Some((status, false)),
+                None if overdue => {
+                    let _ = child.kill();
+                    Some((child.wait().map_err(|e| Error::io(exe, e))?, true))
+                }
+                None => None,
+            };
+            match done {
+                Some((status, killed)) => {
+                    if !status.success() && failed_at.is_none() {
+                        failed_at = Some(Instant::now());
+                    }
+                    exits.push(RankExit { rank: *rank, status, killed });
+                    children.swap_remove(i);
+                }
+                None => i += 1,
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    exits.sort_by_key(|e| e.rank);
+    Ok(exits)
+}
+
+/// A port nothing listens on now (the OS's choice), for the rendezvous store. Rank 0 binds it
+/// an instant later; another program taking it in between makes the start fail, not hang.
+fn free_port() -> Result<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| Error::Distributed(format!("cannot find a free port on 127.0.0.1: {e}")))
+}

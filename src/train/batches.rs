@@ -41,9 +41,13 @@ pub struct Fetched {
 impl Batches {
     /// The source `cfg` asks for, positioned at `start`.
     pub fn new(cfg: &TrainConfig, train: &Arc<Dataset>, augment: Augment, start: Position) -> Result<Self> {
+        // A data-parallel rank takes its shard: every world-th sample of the epoch's order, so
+        // that the ranks' batches at a step together make one process's batch of world × batch.
+        let (rank, world) = cfg.group.as_ref().map_or((0, 1), |g| (g.rank(), g.world()));
+        let own = Sampler { rank, world, ..Sampler::shuffled(train.len(), cfg.batch_size, cfg.seed) };
         if cfg.resident {
             // The order the pipelined loader below would give (its defaults), batched on the device.
-            let sampler = Sampler::shuffled(train.len(), cfg.batch_size, cfg.seed);
+            let sampler = own;
             return Ok(Batches::Resident(
                 Resident::new(train.clone(), augment, cfg.seed, cfg.device)?,
                 sampler,
@@ -55,7 +59,9 @@ impl Batches {
             .num_workers(cfg.workers)
             .device(cfg.device)
             .augment(augment)
-            .start_at(start.epoch, start.step);
+            .shard(rank, world)
+            // A shard may have one batch fewer than rank 0's, which sets the epoch's steps.
+            .start_at(start.epoch, start.step.min(own.batches_per_epoch()));
         if let Some(n) = cfg.prefetch {
             builder = builder.prefetch(n);
         }

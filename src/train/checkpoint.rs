@@ -19,8 +19,12 @@ pub struct RunSettings {
     pub classes: i64,
     /// Samples in the training split.
     pub train_len: usize,
-    /// Batch size.
+    /// Batch size (of each rank).
     pub batch_size: usize,
+    /// Ranks training together (1 for one process; absent from checkpoints made before
+    /// data-parallel training, which were all one process).
+    #[serde(default = "one")]
+    pub world: usize,
     /// Learning rate.
     pub lr: f64,
     /// Momentum.
@@ -35,12 +39,39 @@ pub struct RunSettings {
 
 impl RunSettings {
     /// The fields in which `self` (a checkpoint's) differs from `now`, as `name: a vs b`.
+    ///
+    /// The batch is compared as the global batch, `world × batch_size`: ranks × batch that
+    /// multiply to the same number train on the same samples step for step, so a checkpoint
+    /// of 2 ranks × 16 resumes as 1 × 32 or 4 × 8 (re-sharded), and not as 2 × 32.
     pub fn differences(&self, now: &RunSettings) -> Vec<String> {
         let a = serde_json::to_value(self).unwrap();
         let b = serde_json::to_value(now).unwrap();
         let (a, b) = (a.as_object().unwrap(), b.as_object().unwrap());
-        a.iter().filter(|(k, v)| b.get(*k) != Some(v)).map(|(k, v)| format!("{k}: {v} vs {}", b[k])).collect()
+        let mut out: Vec<String> = a
+            .iter()
+            .filter(|(k, v)| !matches!(k.as_str(), "batch_size" | "world") && b.get(*k) != Some(v))
+            .map(|(k, v)| format!("{k}: {v} vs {}", b[k]))
+            .collect();
+        if self.world * self.batch_size != now.world * now.batch_size {
+            out.push(if self.world == 1 && now.world == 1 {
+                format!("batch_size: {} vs {}", self.batch_size, now.batch_size)
+            } else {
+                let ranks = |n: usize| if n == 1 { "1 rank".to_string() } else { format!("{n} ranks") };
+                format!(
+                    "global batch: {} × {} vs {} × {}",
+                    ranks(self.world),
+                    self.batch_size,
+                    ranks(now.world),
+                    now.batch_size
+                )
+            });
+        }
+        out
     }
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Where a run stands.

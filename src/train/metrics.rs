@@ -12,8 +12,11 @@ pub struct StepTimes {
     pub wait: Duration,
     /// Issuing the host-to-device copy.
     pub copy: Duration,
-    /// Forward, backward and update (host time; on CUDA, queueing plus any waits on the GPU).
+    /// Forward, backward and update (host time; on CUDA, queueing plus any waits on the GPU),
+    /// the gradients' all-reduce apart.
     pub compute: Duration,
+    /// Averaging the gradients over the ranks (data-parallel runs; zero otherwise).
+    pub comm: Duration,
     /// Wall time of the steps, end to end.
     pub total: Duration,
     /// Steps.
@@ -38,6 +41,7 @@ impl StepTimes {
         self.wait += o.wait;
         self.copy += o.copy;
         self.compute += o.compute;
+        self.comm += o.comm;
         self.total += o.total;
         self.steps += o.steps;
         self.images += o.images;
@@ -53,9 +57,14 @@ impl StepTimes {
         self.copy.as_secs_f64() / self.total.as_secs_f64().max(1e-12)
     }
 
+    /// The share spent averaging gradients over the ranks.
+    pub fn comm_share(&self) -> f64 {
+        self.comm.as_secs_f64() / self.total.as_secs_f64().max(1e-12)
+    }
+
     /// The rest: compute and loop overhead.
     pub fn compute_share(&self) -> f64 {
-        1.0 - self.wait_share() - self.copy_share()
+        1.0 - self.wait_share() - self.copy_share() - self.comm_share()
     }
 }
 
@@ -101,6 +110,8 @@ impl Metrics {
             "data_wait_share": s.data_wait_share,
             "copy_share": s.times.copy_share(),
             "compute_share": s.times.compute_share(),
+            "communication_share": s.times.comm_share(),
+            "ranks": s.ranks,
             "epoch_seconds": s.epoch_seconds,
             "steps": s.steps,
             "final_loss": s.final_loss,

@@ -406,6 +406,9 @@ pub fn prepare(
                 }
             });
         }
+        // Only the decoders receive jobs: once they have all stopped (each on a bad image),
+        // sending fails instead of blocking on a full queue forever.
+        drop(jobs_rx);
         drop(done_tx);
         // The decoded pixels are held until they are sorted: refuse before they outgrow memory
         // (a huge --size, or a folder of millions of images), not after an out-of-memory kill.

@@ -2,7 +2,7 @@
 use std::time::Duration;
 
 use cifar_fast::dist::{Launch, ProcessGroup};
-use tch::{Device, Tensor};
+use tch::{Device, Tensor, nn};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -49,5 +49,86 @@ fn all_reduce_sums_and_broadcast_copies_rank_0() {
     for (sum, b) in got {
         assert_eq!(sum, [3.0, 6.0, 9.0]);
         assert_eq!(b, [10.0]);
+    }
+}
+
+#[test]
+fn average_gradients_gives_every_rank_the_mean_and_broadcast_weights_rank_0s() {
+    let got = on_ranks(2, |g| {
+        // Different initial weights on each rank, made equal by the broadcast.
+        tch::manual_seed(g.rank() as i64);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let lin = nn::linear(vs.root() / "fc", 4, 2, Default::default());
+        // A variable this rank's loss does not reach: its gradient counts as zeros.
+        let unused = vs.root().var("unused", &[3], nn::Init::Const(1.0));
+        g.broadcast_weights(&vs).unwrap();
+        let x = Tensor::full([5, 4], g.rank() as f64 + 1.0, (tch::Kind::Float, Device::Cpu));
+        let mut loss = nn::Module::forward(&lin, &x).sum(tch::Kind::Float);
+        if g.rank() == 1 {
+            loss += unused.sum(tch::Kind::Float) * 2.0;
+        }
+        loss.backward();
+        g.average_gradients(&vs).unwrap();
+        let vars = vs.variables();
+        let grad = |n: &str| Vec::<f32>::try_from(vars[n].grad().flatten(0, -1)).unwrap();
+        let value = |n: &str| Vec::<f32>::try_from(vars[n].flatten(0, -1)).unwrap();
+        (value("fc.weight"), grad("fc.weight"), grad("fc.bias"), grad("unused"))
+    });
+    assert_eq!(got[0].0, got[1].0, "weights differ after the broadcast");
+    for (_, w, b, unused) in &got {
+        // d(sum of outputs)/dW = sum of inputs over the batch: 5·1 and 5·2, averaged 7.5.
+        assert!(w.iter().all(|&v| v == 7.5), "{w:?}");
+        assert!(b.iter().all(|&v| v == 5.0), "{b:?}");
+        assert!(unused.iter().all(|&v| v == 1.0), "{unused:?}");
+    }
+}
+
+#[test]
+fn the_launch_is_read_from_torchruns_and_slurms_variables_and_bad_ones_are_named() {
+    let from = |vars: &[(&str, &str)]| {
+        let map: std::collections::HashMap<String, String> =
+            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Launch::from_vars(|k| map.get(k).cloned())
+    };
+    assert_eq!(from(&[]).unwrap(), None);
+    let torchrun = [
+        ("RANK", "3"),
+        ("WORLD_SIZE", "4"),
+        ("LOCAL_RANK", "1"),
+        ("LOCAL_WORLD_SIZE", "2"),
+        ("MASTER_ADDR", "node0"),
+        ("MASTER_PORT", "29400"),
+        ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+        ("TORCHELASTIC_RESTART_COUNT", "2"),
+    ];
+    let l = from(&torchrun).unwrap().unwrap();
+    assert_eq!((l.rank, l.world, l.local_rank, l.local_world), (3, 4, 1, 2));
+    assert_eq!((l.master_addr.as_str(), l.master_port, l.agent_store, l.attempt), ("node0", 29400, true, 2));
+    assert_eq!(l.device(Device::Cuda(0)), Device::Cuda(1));
+    assert_eq!(l.device(Device::Cpu), Device::Cpu);
+
+    let slurm = [
+        ("SLURM_PROCID", "5"),
+        ("SLURM_NTASKS", "8"),
+        ("SLURM_LOCALID", "1"),
+        ("SLURM_NTASKS_PER_NODE", "2(x4)"),
+        ("MASTER_ADDR", "n1"),
+    ];
+    let l = from(&slurm).unwrap().unwrap();
+    assert_eq!((l.rank, l.world, l.local_rank, l.local_world, l.master_port), (5, 8, 1, 2, 29500));
+    // One Slurm task is one process.
+    assert_eq!(from(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1")]).unwrap(), None);
+
+    for (change, named) in [
+        (("RANK", "x"), "RANK=\"x\""),
+        (("RANK", "4"), "RANK 4 is not below WORLD_SIZE 4"),
+        (("MASTER_PORT", "70000"), "MASTER_PORT=\"70000\""),
+        (("MASTER_ADDR", ""), "MASTER_ADDR is not set"),
+        (("LOCAL_RANK", "2"), "LOCAL_RANK 2 is not below LOCAL_WORLD_SIZE 2"),
+    ] {
+        let vars: Vec<(&str, &str)> =
+            torchrun.iter().map(|&(k, v)| if k == change.0 { (k, change.1) } else { (k, v) }).collect();
+        let e = from(&vars).unwrap_err().to_string();
+        assert!(e.contains(named), "{change:?}: {e}");
     }
 }

@@ -432,22 +432,21 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(l) => Some(Arc::new(ProcessGroup::join(l, device, Duration::from_secs(args.dist_timeout))?)),
         None => None,
     };
-    // One rank a machine prepares data that is not there yet; the others wait for it.
-    let prepares = launch.as_ref().is_none_or(|l| l.local_rank == 0);
-    let data = prepares.then(|| find_data(&args));
-    if let Some(g) = &group {
-        g.exchange(
-            "data",
-            data.as_ref().map_or(Ok(String::new()), |d| match d {
-                Ok(_) => Ok(String::new()),
-                Err(e) => Err(format!("{e:#}")),
-            }),
-        )?;
-    }
-    let (train_path, test_path) = match data {
-        Some(d) => d?,
-        None => find_data(&args)?,
+    // One rank a machine prepares data that is not there yet; the others wait for it, then
+    // look. Either step failing on any rank ends every rank, naming it.
+    let outcome = |d: &anyhow::Result<(PathBuf, PathBuf)>| match d {
+        Ok(_) => Ok(String::new()),
+        Err(e) => Err(format!("{e:#}")),
     };
+    let prepares = launch.as_ref().is_none_or(|l| l.local_rank == 0);
+    let mut data = prepares.then(|| find_data(&args));
+    if let Some(g) = &group {
+        g.exchange("prepared", data.as_ref().map_or(Ok(String::new()), outcome))?;
+        let found = data.take().unwrap_or_else(|| find_data(&args));
+        g.exchange("data", outcome(&found))?;
+        data = Some(found);
+    }
+    let (train_path, test_path) = data.unwrap_or_else(|| find_data(&args))?;
     (cfg.train, cfg.test) = (train_path, Some(test_path));
     cfg.group = group.clone();
     let ranks = match &group {

@@ -333,21 +333,74 @@ def bench_accuracy(args):
     print(f"\ndifference: {100 * (ours['test_accuracy'] - ref['test_accuracy']):+.2f} points")
 
 
+def bench_ddp(args):
+    """Data-parallel training with 2 ranks of 1 thread: PyTorch's DDP (gloo, torchrun) against
+    `cifar-train --nproc-per-node 2`, and the cost of distribution against 1 rank × 2 threads
+    at the same global batch."""
+    data = args.data
+    ensure_data(data)
+    warm(os.path.join(data, "cifar10-train.safetensors"))
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    # The same steps for both (more than an epoch at 256 per rank), so start-up weighs alike.
+    ref_steps = our_steps = {32: 1200, 256: 150}
+    metrics = os.path.join(tempfile.mkdtemp(), "m.jsonl")
+    exe = os.path.join(RELEASE, "cifar-train")
+
+    def reference(b):
+        return json_line([torchrun, "--standalone", "--nproc-per-node", "2", os.path.join(ROOT, "tools", "ddp_reference.py"),
+                          "--root", os.path.join(data, "py"), "--batch-size", str(b), "--workers", "1",
+                          "--threads", "1", "--steps", str(ref_steps.get(b, 40))])
+
+    def ours(b, extra):
+        sh([exe, "--data", data, "--device", "cpu", "--epochs", "1", "--max-steps", str(our_steps.get(b, 150)),
+            "--no-eval", "--metrics", metrics] + extra)
+        with open(metrics) as f:
+            return json.loads(f.read().strip().splitlines()[-1])
+
+    contenders = [("pytorch-ddp", reference),
+                  ("ranks", lambda b: ours(b, ["--nproc-per-node", "2", "--threads", "1", "--batch-size", str(b)])),
+                  ("one", lambda b: ours(b, ["--threads", "2", "--batch-size", str(2 * b)]))]
+    rows = {}
+    for rep in range(args.reps):
+        for b in args.batch_sizes:
+            for name, run in contenders[rep % 3:] + contenders[:rep % 3]:
+                rows.setdefault((name, b), []).append(run(b))
+
+    def values(name, b, key="images_per_s"):
+        return [r[key] for r in rows[(name, b)]]
+
+    def ratio(num, den):
+        return median([n / d for n, d in zip(num, den)])
+
+    print(f"\nData-parallel CPU training, 2 ranks × 1 thread on {os.cpu_count()} cores, the job's images/s, "
+          f"median of {args.reps} reps (ratios: median of the ratios within each rep)\n")
+    print("| B per rank | PyTorch DDP (gloo, torchrun) | `cifar-train --nproc-per-node 2` | × PyTorch DDP "
+          "| communication (share of step) | 1 rank × 2 threads at 2B | 2 ranks ÷ 1 rank |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for b in args.batch_sizes:
+        print(f"| {b} | {median(values('pytorch-ddp', b)):,.0f} | {median(values('ranks', b)):,.0f} "
+              f"| {ratio(values('ranks', b), values('pytorch-ddp', b)):.1f}× "
+              f"| {100 * median(values('ranks', b, 'communication_share')):.1f}% "
+              f"| {median(values('one', b)):,.0f} | {ratio(values('ranks', b), values('one', b)):.2f} |")
+    print("\nall runs:", json.dumps({"/".join(map(str, k)): [round(r["images_per_s"]) for r in v] for k, v in rows.items()}))
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["prep", "loader", "train", "accuracy", "busy"])
+    ap.add_argument("what", choices=["prep", "loader", "train", "accuracy", "busy", "ddp"])
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--data", default=os.path.join(ROOT, "data"))
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 32, 256])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", help="default: 4 32 256 (ddp: 32 256)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--images", type=int, default=200000)
     ap.add_argument("--part", choices=["all", "cifar", "folder"], default="all",
                     help="prep: the CIFAR tarball, the image folder, or both")
     args = ap.parse_args()
     args.data = os.path.abspath(args.data)
+    args.batch_sizes = args.batch_sizes or ([32, 256] if args.what == "ddp" else [4, 32, 256])
     {"prep": bench_prep, "loader": bench_loader, "train": bench_train, "accuracy": bench_accuracy,
-     "busy": bench_busy}[args.what](args)
+     "busy": bench_busy, "ddp": bench_ddp}[args.what](args)
 
 
 if __name__ == "__main__":

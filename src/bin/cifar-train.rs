@@ -131,6 +131,9 @@ struct Args {
     #[arg(long, value_name = "SECONDS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..))]
     dist_timeout: u64,
+    /// Data-parallel runs: do not pin each rank to its share of this machine's cores.
+    #[arg(long)]
+    no_pin: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -350,6 +353,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     let device = parse_device(&args.device)?;
     let device = launch.as_ref().map_or(device, |l| l.device(device));
     let local_ranks = launch.as_ref().map_or(nproc, |l| l.local_world);
+    // Before any thread of ours starts, so that all of them inherit it.
+    let pinned = match &launch {
+        Some(l) if l.local_world > 1 && !args.no_pin => {
+            cifar_fast::dist::pin_to_share(l.local_rank, l.local_world)
+        }
+        _ => None,
+    };
     match args.threads {
         Some(n) => tch::set_num_threads(n),
         // Ranks on one machine share its cores: OMP_NUM_THREADS where the launcher set it
@@ -358,7 +368,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         None if local_ranks > 1 => {
             let cores = std::thread::available_parallelism().map_or(1, usize::from);
             let omp = std::env::var("OMP_NUM_THREADS").ok().and_then(|v| v.parse::<usize>().ok());
-            tch::set_num_threads(omp.unwrap_or(cores / local_ranks).max(1) as i32);
+            let share = pinned.as_ref().map_or(cores / local_ranks, Vec::len);
+            tch::set_num_threads(omp.unwrap_or(share).max(1) as i32);
         }
         None => {}
     }
@@ -465,6 +476,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             if threads == 1 { "" } else { "s" },
             if group.is_some() { " each" } else { "" }
         );
+        if let Some(cores) = &pinned {
+            say!("ranks pinned to their share of the cores (rank 0: {cores:?}; --no-pin to leave them free)");
+        }
     }
     let mut report = Report { bar: None, epoch: 0 };
     let s = match train::run(&cfg, &mut report) {

@@ -77,7 +77,48 @@ fn bridge(lib: &Path) {
              the bridge is built without the Gloo backend, so CPU training stays single-process"
         ),
     }
+    let nccl = nccl(lib, &mut build);
     build.compile("cifar_bridge");
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
+    if let Some(cuda_lib) = nccl {
+        println!("cargo:rustc-link-lib=dylib=torch_cuda");
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+        // The wheel ships the CUDA runtime under its versioned name only.
+        println!("cargo:rustc-link-search=native={}", cuda_lib.display());
+        println!("cargo:rustc-link-arg=-l:libcudart.so.13");
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", cuda_lib.display());
+    }
+}
+
+/// Adds c10d's NCCL backend to the bridge where libtorch has CUDA and the headers it needs are
+/// there: the wheel's own `nvidia/cu13` and `nvidia/nccl` headers, and the two header-only
+/// packages it lacks (`nvidia-cuda-crt`, `nvidia-cuda-cccl`, which `tools/setup` installs).
+/// Returns the CUDA runtime's lib dir when it did; without them, CUDA ranks are refused with
+/// a message saying what is missing.
+fn nccl(lib: &Path, build: &mut cc::Build) -> Option<std::path::PathBuf> {
+    if !lib.join("libtorch_cuda.so").exists() {
+        return None;
+    }
+    let site = lib.parent()?.parent()?;
+    let cu = site.join("nvidia/cu13");
+    let wanted = [
+        cu.join("include/cuda_runtime_api.h"),
+        cu.join("include/crt/host_config.h"),
+        cu.join("include/cccl/cuda/std/version"),
+        site.join("nvidia/nccl/include/nccl.h"),
+        cu.join("lib/libcudart.so.13"),
+    ];
+    if let Some(missing) = wanted.iter().find(|p| !p.exists()) {
+        println!(
+            "cargo:warning=no NCCL backend in the bridge: {} is missing (tools/setup installs it)",
+            missing.display()
+        );
+        return None;
+    }
+    build.define("USE_C10D_NCCL", None).define("USE_CUDA", None).define("CIFAR_HAVE_NCCL", None);
+    for dir in [cu.join("include"), cu.join("include/cccl"), site.join("nvidia/nccl/include")] {
+        build.flag("-isystem").flag(dir.to_str().expect("a UTF-8 CUDA path"));
+    }
+    Some(cu.join("lib"))
 }

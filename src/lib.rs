@@ -17,6 +17,8 @@ crate, which needs no libtorch, and are re-exported here):
 * [`loader`]: the [`Loader`]'s worker threads fill reusable (pinned, on CUDA) buffers ahead of
   the consumer and hand them out in order as [`Batch`]es of tch tensors.
 * [`train`] is the tutorial's training loop on top, which the `cifar-train` binary runs.
+* [`dist`] trains data-parallel across processes and machines on c10d, PyTorch's distributed
+  engine, which [`bridge`] (a small C++ file beside tch) reaches in libtorch.
 
 
 ```no_run

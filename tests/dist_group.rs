@@ -1,4 +1,7 @@
-//! The process group on 127.0.0.1: two ranks as two threads of this test.
+//! The process group on 127.0.0.1: two ranks as two threads of this test, or one rank here and
+//! one in Python.
+mod common;
+
 use std::time::Duration;
 
 use cifar_fast::dist::{Launch, ProcessGroup};
@@ -131,4 +134,34 @@ fn the_launch_is_read_from_torchruns_and_slurms_variables_and_bad_ones_are_named
         let e = from(&vars).unwrap_err().to_string();
         assert!(e.contains(named), "{change:?}: {e}");
     }
+}
+
+#[test]
+fn a_python_rank_joins_the_group_as_torch_distributed_makes_it() {
+    let port = free_port();
+    let script = r#"
+import os, torch, torch.distributed as dist
+dist.init_process_group("gloo", rank=1, world_size=2)
+t = torch.tensor([1.0, 2.0, 3.0])
+dist.all_reduce(t)
+b = torch.zeros(2)
+dist.broadcast(b, 0)
+print(t.tolist(), b.tolist())
+"#;
+    let python = std::process::Command::new(common::python())
+        .args(["-c", script])
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let g = ProcessGroup::join(&launch(0, 2, port), Device::Cpu, Duration::from_secs(60)).unwrap();
+    let t = Tensor::from_slice(&[10.0f32, 20.0, 30.0]);
+    g.all_reduce_sum(&t).unwrap();
+    g.broadcast(&Tensor::from_slice(&[7.0f32, 8.0]), 0).unwrap();
+    let out = python.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", common::text(&out));
+    assert_eq!(Vec::<f32>::try_from(&t).unwrap(), [11.0, 22.0, 33.0]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[11.0, 22.0, 33.0] [7.0, 8.0]");
 }

@@ -4,6 +4,33 @@
 //! training loop needs — the first weights from rank 0, gradients averaged in one flat
 //! all-reduce, settings agreed at start — each naming the rank at fault when one fails.
 //! [`launch`] starts local ranks itself, as `torchrun --standalone` does.
+//!
+//! A data-parallel loop of one's own, launched by `torchrun --no-python` or `srun`:
+//!
+//! ```no_run
+//! use cifar_fast::dist::{DEFAULT_TIMEOUT, ProcessGroup};
+//! use cifar_fast::{Dataset, Loader};
+//! use tch::{Device, nn};
+//!
+//! // None when not launched by torchrun/srun/--nproc-per-node: one process.
+//! let group = ProcessGroup::from_env(Device::Cpu, DEFAULT_TIMEOUT)?.expect("launched with torchrun");
+//! let vs = nn::VarStore::new(group.device());
+//! // ... build the model on vs.root() ...
+//! group.broadcast_weights(&vs)?; // all ranks start from rank 0's weights
+//! let mut loader = Loader::builder(Dataset::open("data/cifar10-train.safetensors")?)
+//!     .batch_size(16)
+//!     .shuffle(true)
+//!     .seed(0)
+//!     .shard(group.rank(), group.world()) // this rank's share of each epoch
+//!     .build()?;
+//! for batch in loader.epoch(0) {
+//!     let batch = batch?;
+//!     // loss.backward() ...
+//!     group.average_gradients(&vs)?; // one all-reduce of all gradients, flat
+//!     // optimizer step ...
+//! }
+//! # Ok::<(), cifar_fast::Error>(())
+//! ```
 pub mod launch;
 
 use std::sync::Arc;

@@ -235,9 +235,7 @@ impl ProcessGroup {
         let serve = launch.rank == 0 && !launch.agent_store;
         let store = Store::connect(addr, port, launch.world, serve, timeout).map_err(|e| {
             Error::Distributed(format!(
-                "rank {}: cannot {} the rendezvous store at {addr}:{port} (MASTER_ADDR:MASTER_PORT) \
-                 within {} s: {e}",
-                launch.rank,
+                "cannot {} the rendezvous store at {addr}:{port} (MASTER_ADDR:MASTER_PORT) within {} s: {e}",
                 if serve { "serve" } else { "reach" },
                 timeout.as_secs()
             ))
@@ -245,8 +243,7 @@ impl ProcessGroup {
         let index = if let Device::Cuda(i) = device { i } else { 0 };
         let group = Group::new(&store, backend, launch.rank, launch.world, index, timeout).map_err(|e| {
             Error::Distributed(format!(
-                "rank {}: cannot join the {backend} process group of {} ranks within {} s: {e}",
-                launch.rank,
+                "cannot join the {backend} process group of {} ranks within {} s: {e}",
                 launch.world,
                 timeout.as_secs()
             ))
@@ -343,9 +340,9 @@ impl ProcessGroup {
             Ok(v) => format!("ok:{v}"),
             Err(e) => format!("error:{e}"),
         };
-        self.store.set(&self.key(&format!("{what}/{}", self.rank())), payload.as_bytes()).map_err(|e| {
-            Error::Distributed(format!("rank {}: cannot write to the rendezvous store: {e}", self.rank()))
-        })?;
+        self.store
+            .set(&self.key(&format!("{what}/{}", self.rank())), payload.as_bytes())
+            .map_err(|e| Error::Distributed(format!("cannot write to the rendezvous store: {e}")))?;
         if let Err(e) = mine {
             return Err(Error::Distributed(e));
         }
@@ -409,11 +406,7 @@ impl ProcessGroup {
                 served_by, self.launch.master_addr, self.launch.master_port
             ),
         };
-        Error::Distributed(format!(
-            "rank {rank}: {op} of the {} group failed: {why} ({})",
-            self.backend(),
-            error.trim()
-        ))
+        Error::Distributed(format!("{op} of the {} group failed: {why} ({})", self.backend(), error.trim()))
     }
 }
 

@@ -435,6 +435,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
     if nproc > 1 {
+        if device.is_cuda() && nproc as i64 > tch::Cuda::device_count() {
+            bail!(
+                "--nproc-per-node {nproc} on CUDA takes one GPU a rank, and there are {} here (use \
+                 --device cpu, or fewer ranks)",
+                tch::Cuda::device_count()
+            );
+        }
         // The launcher: the data is made once, here, before the ranks look for it.
         find_data(&args)?;
         return launch_ranks(nproc, Duration::from_secs(args.dist_timeout));

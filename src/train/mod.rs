@@ -548,27 +548,26 @@ fn parallel_step(
     opt.zero_grad();
     let device = opt.flat_params().device();
     let share = batch.map_or(0, |b| b.len) as f64 / global as f64;
+    // Scaled before the backward pass, so the gradients come out already weighted by this
+    // rank's share of the global batch: their sum over the ranks is the global batch's mean.
     let loss = match batch {
         Some(b) => {
-            let loss = forward_loss(net, &b.images, &b.labels, amp);
+            let loss = forward_loss(net, &b.images, &b.labels, amp) * share;
             loss.backward();
-            loss.detach() * share
+            loss.detach()
         }
         None => Tensor::zeros([], (Kind::Float, device)),
     };
     let flag = Tensor::from(INTERRUPTED.load(Ordering::SeqCst) as u8 as f32).to_device(device);
-    let mut out = None;
     let mut comm = std::time::Duration::ZERO;
-    opt.step_with(|grad| -> Result<Tensor> {
-        let n = grad.numel() as i64;
-        let flat = Tensor::cat(&[grad * share, loss.reshape([1]), flag.reshape([1])], 0);
+    let extras = opt.step_with(&[loss, flag], |flat| -> Result<()> {
         let t = Instant::now();
-        g.all_reduce_sum(&flat)?;
+        g.all_reduce_sum(flat)?;
         comm = t.elapsed();
-        out = Some((flat.narrow(0, n, 1).reshape([]), flat.double_value(&[n + 1]) > 0.0));
-        Ok(flat.narrow(0, 0, n))
+        Ok(())
     })?;
-    let (loss, interrupted) = out.expect("the reduction ran");
+    let interrupted = extras.double_value(&[1]) > 0.0;
+    let loss = extras.narrow(0, 0, 1).reshape([]);
     Ok(ParallelStep { loss, comm, interrupted })
 }
 

@@ -63,20 +63,27 @@ impl Sgd {
     /// where `mul_`/`add_` and `mul`/`sub_` took two: on the CPU 1.05× the whole batch-4 step,
     /// and two launches fewer on a GPU, where a LeNet step is bound by launches.
     pub fn step(&mut self) {
-        self.step_with(Ok::<_, std::convert::Infallible>).unwrap_or_else(|e| match e {});
+        let none = |_: &Tensor| Ok::<_, std::convert::Infallible>(());
+        let _ = self.step_with(&[], none).unwrap_or_else(|e| match e {});
     }
 
-    /// [`Sgd::step`], with the gradient of all parameters, flat in name order, passed through
-    /// `reduce` first: data-parallel training averages it over the ranks there (one collective
-    /// for the whole model). An error from `reduce` leaves the parameters untouched.
-    pub fn step_with<E>(&mut self, reduce: impl FnOnce(Tensor) -> Result<Tensor, E>) -> Result<(), E> {
+    /// [`Sgd::step`], with the gradient of all parameters, flat in name order and followed by
+    /// the values of `extra` (0-dim tensors), reduced in place by `reduce` first: data-parallel
+    /// training sums it over the ranks there, one collective for the whole model and whatever
+    /// the ranks must agree on. Returns the reduced extras, `[extra.len()]`. An error from
+    /// `reduce` leaves the parameters untouched.
+    pub fn step_with<E>(
+        &mut self,
+        extra: &[Tensor],
+        reduce: impl FnOnce(&Tensor) -> Result<(), E>,
+    ) -> Result<Tensor, E> {
         if !matches!(&self.factors, Some((m, lr, ..)) if *m == self.momentum && *lr == self.lr) {
             let scalar = |v: f64| Tensor::from(v as f32).to_device(self.flat.device());
             self.factors = Some((self.momentum, self.lr, scalar(self.momentum), scalar(-self.lr)));
         }
         let (.., momentum, neg_lr) = self.factors.as_ref().unwrap();
-        tch::no_grad(|| -> Result<(), E> {
-            let grads: Vec<Tensor> = self
+        tch::no_grad(|| -> Result<Tensor, E> {
+            let mut parts: Vec<Tensor> = self
                 .params
                 .iter()
                 .map(|(_, p, _, n)| {
@@ -84,7 +91,11 @@ impl Sgd {
                     if g.defined() { g.view([*n]) } else { Tensor::zeros([*n], (Kind::Float, p.device())) }
                 })
                 .collect();
-            let mut d = reduce(Tensor::cat(&grads, 0))?;
+            parts.extend(extra.iter().map(|t| t.reshape([1])));
+            let all = Tensor::cat(&parts, 0);
+            reduce(&all)?;
+            let n = self.flat.numel() as i64;
+            let mut d = all.narrow(0, 0, n);
             if self.weight_decay != 0.0 {
                 let _ = d.g_add_(&self.flat.g_mul_scalar(self.weight_decay));
             }
@@ -100,7 +111,7 @@ impl Sgd {
                 d = self.buffer.as_ref().unwrap().shallow_clone();
             }
             let _ = self.flat.addcmul_(&d, neg_lr);
-            Ok(())
+            Ok(all.narrow(0, n, extra.len() as i64))
         })
     }
 

@@ -133,6 +133,15 @@ fn refused(o: std::process::Output, expect: &str) {
 }
 
 #[test]
+fn nesterov_and_label_smoothing_train_and_bad_values_are_refused() {
+    let dir = learnable_data(&scratch("train_nesterov"), 8);
+    let o = train(&dir, &["--batch-size", "8", "--epochs", "1", "--nesterov", "--label-smoothing", "0.2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    refused(train(&dir, &["--nesterov", "--momentum", "0"]), "--nesterov needs a momentum above 0");
+    refused(train(&dir, &["--label-smoothing", "1.5"]), "--label-smoothing 1.5: must be from 0 to 1");
+}
+
+#[test]
 fn bad_input_is_one_clear_error() {
     let dir = learnable_data(&scratch("train_bad"), 4);
     refused(train(&dir, &["--dataset", "nosuch"]), "no prepared dataset \"nosuch\" in");

@@ -61,6 +61,12 @@ struct Args {
     /// L2 weight decay.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     weight_decay: f64,
+    /// Nesterov momentum (`torch.optim.SGD(nesterov=True)`).
+    #[arg(long)]
+    nesterov: bool,
+    /// Label smoothing of the loss, 0 to 1 (`nn.CrossEntropyLoss(label_smoothing=...)`).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    label_smoothing: f64,
     /// Loader threads (0: load on the training thread).
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -389,6 +395,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         lr: args.lr,
         momentum: args.momentum,
         weight_decay: args.weight_decay,
+        nesterov: args.nesterov,
+        label_smoothing: args.label_smoothing,
         workers: args.workers,
         prefetch: args.prefetch,
         device,

@@ -35,6 +35,12 @@ pub struct RunSettings {
     pub seed: u64,
     /// Whether the standard augmentation is on.
     pub augment: bool,
+    /// Label smoothing of the loss (0 in checkpoints made before it existed).
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// Nesterov momentum (off in checkpoints made before it existed).
+    #[serde(default)]
+    pub nesterov: bool,
 }
 
 impl RunSettings {

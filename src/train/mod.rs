@@ -47,6 +47,10 @@ pub struct TrainConfig {
     pub momentum: f64,
     /// Weight decay (0).
     pub weight_decay: f64,
+    /// Nesterov momentum (off, as `torch.optim.SGD`'s default).
+    pub nesterov: bool,
+    /// Label smoothing of the cross-entropy, 0..1 (0, as `nn.CrossEntropyLoss`'s default).
+    pub label_smoothing: f64,
     /// Loader threads.
     pub workers: usize,
     /// Batches prepared ahead (`None`: the loader's default, see `loader::default_prefetch`).
@@ -104,6 +108,8 @@ impl TrainConfig {
             lr: 0.001,
             momentum: 0.9,
             weight_decay: 0.0,
+            nesterov: false,
+            label_smoothing: 0.0,
             workers: 2,
             prefetch: None,
             device: Device::Cpu,
@@ -208,6 +214,8 @@ fn settings_of(cfg: &TrainConfig, classes: i64, train_len: usize) -> RunSettings
         weight_decay: cfg.weight_decay,
         seed: cfg.seed,
         augment: cfg.augment,
+        label_smoothing: cfg.label_smoothing,
+        nesterov: cfg.nesterov,
     }
 }
 
@@ -334,6 +342,7 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
     let vs = nn::VarStore::new(cfg.device);
     let net = model::build(cfg.model, &vs.root(), n_classes);
     let mut opt = Sgd::new(&vs, cfg.lr, cfg.momentum, cfg.weight_decay);
+    opt.nesterov = cfg.nesterov;
     let mut pos = Position { epoch: 0, step: 0, global_step: 0 };
     match group {
         // Rank 0 alone reads the checkpoint, then gives the others its position and weights.
@@ -399,13 +408,13 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
             let (loss, n, comm, interrupted) = match group {
                 None => {
                     let b = batch.as_ref().expect("one process has a batch each step");
-                    let loss = train_step(&*net, &mut opt, &b.images, &b.labels, cfg.amp);
+                    let loss = train_step(&*net, &mut opt, &b.images, &b.labels, cfg);
                     (loss, b.len, Default::default(), INTERRUPTED.load(Ordering::SeqCst))
                 }
                 Some(g) => {
                     let global =
                         (cfg.batch_size * g.world()).min(train.len() - pos.step * cfg.batch_size * g.world());
-                    let step = parallel_step(g, &*net, &mut opt, batch.as_ref(), global, cfg.amp)?;
+                    let step = parallel_step(g, &*net, &mut opt, batch.as_ref(), global, cfg)?;
                     (step.loss, global, step.comm, step.interrupted)
                 }
             };
@@ -543,7 +552,7 @@ fn parallel_step(
     opt: &mut Sgd,
     batch: Option<&batches::Fetched>,
     global: usize,
-    amp: bool,
+    cfg: &TrainConfig,
 ) -> Result<ParallelStep> {
     opt.zero_grad();
     let device = opt.flat_params().device();
@@ -552,7 +561,7 @@ fn parallel_step(
     // rank's share of the global batch: their sum over the ranks is the global batch's mean.
     let loss = match batch {
         Some(b) => {
-            let loss = forward_loss(net, &b.images, &b.labels, amp) * share;
+            let loss = forward_loss(net, &b.images, &b.labels, cfg) * share;
             loss.backward();
             loss.detach()
         }
@@ -610,23 +619,33 @@ pub fn export(
 }
 
 /// One training step: forward, loss, backward, update. Returns the loss (not synchronised).
-fn train_step(net: &dyn nn::ModuleT, opt: &mut Sgd, images: &Tensor, labels: &Tensor, amp: bool) -> Tensor {
-    let loss = forward_loss(net, images, labels, amp);
+fn train_step(
+    net: &dyn nn::ModuleT,
+    opt: &mut Sgd,
+    images: &Tensor,
+    labels: &Tensor,
+    cfg: &TrainConfig,
+) -> Tensor {
+    let loss = forward_loss(net, images, labels, cfg);
     opt.zero_grad();
     loss.backward();
     opt.step();
     loss
 }
 
-/// The training forward pass and its mean cross-entropy.
-fn forward_loss(net: &dyn nn::ModuleT, images: &Tensor, labels: &Tensor, amp: bool) -> Tensor {
+/// The training forward pass and its mean cross-entropy (label-smoothed as `cfg` says).
+fn forward_loss(net: &dyn nn::ModuleT, images: &Tensor, labels: &Tensor, cfg: &TrainConfig) -> Tensor {
     // Under autocast the logits may be bf16/fp16: the loss is taken in f32.
-    let logits = if amp {
+    let logits = if cfg.amp {
         tch::autocast(true, || net.forward_t(images, true)).to_kind(Kind::Float)
     } else {
         net.forward_t(images, true)
     };
-    logits.cross_entropy_for_logits(labels)
+    if cfg.label_smoothing == 0.0 {
+        logits.cross_entropy_for_logits(labels)
+    } else {
+        logits.cross_entropy_loss(labels, None::<Tensor>, tch::Reduction::Mean, -100, cfg.label_smoothing)
+    }
 }
 
 /// The mean training loss since the last log line.
@@ -698,6 +717,12 @@ fn check(cfg: &TrainConfig) -> Result<()> {
         if !(ok && value.is_finite()) {
             return Err(Error::Config(format!("{flag} {value}: must be a finite number, 0 or more")));
         }
+    }
+    if !(0.0..=1.0).contains(&cfg.label_smoothing) {
+        return Err(Error::Config(format!("--label-smoothing {}: must be from 0 to 1", cfg.label_smoothing)));
+    }
+    if cfg.nesterov && cfg.momentum <= 0.0 {
+        return Err(Error::Config("--nesterov needs a momentum above 0 (--momentum)".into()));
     }
     if cfg.prefetch == Some(0) {
         return Err(Error::Config("--prefetch must be at least 1".into()));
@@ -1089,4 +1114,30 @@ pub fn evaluate_in(
         })
         .collect();
     Ok(Evaluation { accuracy: correct as f64 / total.max(1) as f64, per_class, confusion })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `nn.CrossEntropyLoss(label_smoothing=ε)`: `(1-ε)·(-log p_y) + ε·mean_k(-log p_k)`,
+    /// averaged over the batch.
+    #[test]
+    fn label_smoothing_is_pytorchs() {
+        let logits = (Tensor::arange(12, (Kind::Float, Device::Cpu)) * 0.37).sin().view([3, 4]);
+        let labels = Tensor::from_slice(&[2i64, 0, 3]);
+        let identity = nn::func_t(|x, _| x.shallow_clone());
+        for eps in [0.0, 0.2, 1.0] {
+            let cfg = TrainConfig { label_smoothing: eps, ..TrainConfig::tutorial(PathBuf::new(), None) };
+            let ours = forward_loss(&identity, &logits, &labels, &cfg).double_value(&[]);
+            let logp = Vec::<f64>::try_from(logits.log_softmax(1, Kind::Double).flatten(0, -1)).unwrap();
+            let mut want = 0.0;
+            for (row, &y) in [2usize, 0, 3].iter().enumerate() {
+                let p = &logp[row * 4..row * 4 + 4];
+                want += (1.0 - eps) * -p[y] + eps * p.iter().map(|v| -v).sum::<f64>() / 4.0;
+            }
+            want /= 3.0;
+            assert!((ours - want).abs() < 1e-6, "ε {eps}: {ours} vs {want}");
+        }
+    }
 }

@@ -133,6 +133,42 @@ fn refused(o: std::process::Output, expect: &str) {
 }
 
 #[test]
+fn the_fast_recipe_trains_a_few_steps_on_the_cpu_and_records_itself() {
+    let dir = learnable_data(&scratch("train_fast"), 8); // 40 training images, 8 test
+    let ck = dir.join("ck");
+    let metrics = dir.join("m.jsonl");
+    let o = train(
+        &dir,
+        &[
+            "--recipe",
+            "fast",
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "6",
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            "--metrics",
+            metrics.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("training airbench"), "{}", text(&o));
+    let summary = json_lines(&metrics).pop().unwrap();
+    assert_eq!(summary["steps"], 6);
+    assert!(summary["final_loss"].as_f64().unwrap().is_finite());
+    assert!(summary["test_accuracy"].as_f64().is_some(), "{summary}");
+    // The recipe is part of the run: resuming it as the tutorial's is refused.
+    let again = train(
+        &dir,
+        &["--batch-size", "8", "--model", "airbench", "--resume", "--checkpoint", ck.to_str().unwrap()],
+    );
+    refused(again, "recipe");
+    // Its batch of 1,024 is more than these 40 images, and its short batches are dropped.
+    refused(train(&dir, &["--recipe", "fast"]), "--batch-size 1024: more than the 40 training images");
+}
+
+#[test]
 fn nesterov_and_label_smoothing_train_and_bad_values_are_refused() {
     let dir = learnable_data(&scratch("train_nesterov"), 8);
     let o = train(&dir, &["--batch-size", "8", "--epochs", "1", "--nesterov", "--label-smoothing", "0.2"]);

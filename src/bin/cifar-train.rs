@@ -85,6 +85,12 @@ struct Args {
     /// Network.
     #[arg(long, value_enum, default_value_t = ModelArg::Lenet)]
     model: ModelArg,
+    /// The training recipe. `fast` is airbench94's (see the README): the airbench net, batch
+    /// 1024, 9.9 epochs, lr 11.5 and weight decay 0.0153 per 1,024 samples, Nesterov
+    /// momentum 0.85, label smoothing 0.2, flip and translate 2, test-time augmentation;
+    /// options given explicitly override its values.
+    #[arg(long, value_enum, default_value_t = RecipeArg::Tutorial)]
+    recipe: RecipeArg,
     /// Mixed precision on CUDA (libtorch's autocast).
     #[arg(long)]
     amp: bool,
@@ -146,6 +152,13 @@ struct Args {
 enum ModelArg {
     Lenet,
     Resnet,
+    Airbench,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+enum RecipeArg {
+    Tutorial,
+    Fast,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
@@ -389,6 +402,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         model: match args.model {
             ModelArg::Lenet => ModelKind::Lenet,
             ModelArg::Resnet => ModelKind::Resnet,
+            ModelArg::Airbench => ModelKind::Airbench,
         },
         batch_size: args.batch_size,
         epochs: args.epochs,
@@ -417,6 +431,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         plot: args.plot.clone(),
         ..TrainConfig::tutorial(PathBuf::new(), None)
     };
+    if args.recipe == RecipeArg::Fast {
+        fast_recipe(&mut cfg);
+    }
     // Settings and paths are checked before any data is fetched, prepared or trained on.
     cfg.check()?;
     for (flag, path) in
@@ -443,6 +460,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
     if nproc > 1 {
+        if args.recipe == RecipeArg::Fast {
+            bail!("--recipe fast trains in one process: leave out --nproc-per-node");
+        }
         if device.is_cuda() && nproc as i64 > tch::Cuda::device_count() {
             bail!(
                 "--nproc-per-node {nproc} on CUDA takes one GPU a rank, and there are {} here (use \
@@ -589,4 +609,38 @@ fn launch_ranks(n: usize, timeout: Duration) -> anyhow::Result<()> {
         bail!("{}", problems.join("; "));
     }
     Ok(())
+}
+
+/// `--recipe fast`: airbench94's settings, except where an option was given explicitly.
+fn fast_recipe(cfg: &mut TrainConfig) {
+    use cifar_fast::train::fast;
+    let given: Vec<String> = std::env::args().collect();
+    let explicit = |flag: &str| given.iter().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+    cfg.recipe = train::Recipe::Fast;
+    cfg.nesterov = true;
+    cfg.augment = true;
+    if !explicit("--model") {
+        cfg.model = ModelKind::Airbench;
+    }
+    if !explicit("--batch-size") {
+        cfg.batch_size = fast::BATCH_SIZE;
+    }
+    if !explicit("--epochs") {
+        cfg.epochs = fast::EPOCHS.ceil() as u64;
+    }
+    if !explicit("--lr") {
+        cfg.lr = fast::LR;
+    }
+    if !explicit("--momentum") {
+        cfg.momentum = fast::MOMENTUM;
+    }
+    if !explicit("--weight-decay") {
+        cfg.weight_decay = fast::WEIGHT_DECAY;
+    }
+    if !explicit("--label-smoothing") {
+        cfg.label_smoothing = fast::LABEL_SMOOTHING;
+    }
+    if !explicit("--log-every") {
+        cfg.log_every = 8000usize.div_ceil(cfg.batch_size).max(1);
+    }
 }

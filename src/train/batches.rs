@@ -44,7 +44,10 @@ impl Batches {
         // A data-parallel rank takes its shard: every world-th sample of the epoch's order, so
         // that the ranks' batches at a step together make one process's batch of world × batch.
         let (rank, world) = cfg.group.as_ref().map_or((0, 1), |g| (g.rank(), g.world()));
-        let own = Sampler { rank, world, ..Sampler::shuffled(train.len(), cfg.batch_size, cfg.seed) };
+        // The fast recipe drops each epoch's last, short batch (its rates are per full batch).
+        let drop_last = cfg.recipe == super::Recipe::Fast;
+        let own =
+            Sampler { rank, world, drop_last, ..Sampler::shuffled(train.len(), cfg.batch_size, cfg.seed) };
         if cfg.resident {
             // The order the pipelined loader below would give (its defaults), batched on the device.
             let sampler = own;
@@ -60,6 +63,7 @@ impl Batches {
             .device(cfg.device)
             .augment(augment)
             .shard(rank, world)
+            .drop_last(drop_last)
             // A shard may have one batch fewer than rank 0's, which sets the epoch's steps.
             .start_at(start.epoch, start.step.min(own.batches_per_epoch()));
         if let Some(n) = cfg.prefetch {

@@ -41,6 +41,9 @@ pub struct RunSettings {
     /// Nesterov momentum (off in checkpoints made before it existed).
     #[serde(default)]
     pub nesterov: bool,
+    /// The recipe (the tutorial's in checkpoints made before there were others).
+    #[serde(default)]
+    pub recipe: super::Recipe,
 }
 
 impl RunSettings {

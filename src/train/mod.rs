@@ -2,6 +2,7 @@
 //! on GPU-resident data), timing where every second of a step goes.
 mod batches;
 pub mod checkpoint;
+pub mod fast;
 pub mod metrics;
 pub mod model;
 pub mod plots;
@@ -21,12 +22,26 @@ use self::checkpoint::{Checkpoint, Position, RunSettings};
 use self::metrics::{Metrics, StepTimes};
 pub use self::model::ModelKind;
 use self::sgd::Sgd;
-use crate::augment::Augment;
+use crate::augment::{Augment, Padding};
 use crate::dist::ProcessGroup;
 use crate::error::{Error, Result};
 use crate::loader::Loader;
 use crate::sampler::Sampler;
 use crate::source::{Dataset, Source};
+
+/// How a run trains, beyond its hyperparameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recipe {
+    /// The tutorial's loop: a constant rate, the mean loss, an evaluation after each epoch.
+    #[default]
+    Tutorial,
+    /// airbench94's ([`fast`]): whitening initialised from the data, batch-norm biases at 64×
+    /// the rate, a warm-up and decay schedule, the summed loss, lookahead, the last partial
+    /// batch dropped, flip and translate 2, test-time augmentation, one evaluation at the end.
+    /// `lr` and `weight_decay` are then per 1,024 samples, as airbench gives them.
+    Fast,
+}
 
 /// Everything a run needs, with the tutorial's values by default.
 #[derive(Debug, Clone)]
@@ -94,6 +109,8 @@ pub struct TrainConfig {
     /// gradients over the ranks, the test split is evaluated in shards, and only rank 0
     /// reports and writes files. `None`: one process.
     pub group: Option<Arc<ProcessGroup>>,
+    /// The training recipe.
+    pub recipe: Recipe,
 }
 
 impl TrainConfig {
@@ -129,6 +146,7 @@ impl TrainConfig {
             preview_batch: None,
             plot: None,
             group: None,
+            recipe: Recipe::Tutorial,
         }
     }
 }
@@ -216,6 +234,7 @@ fn settings_of(cfg: &TrainConfig, classes: i64, train_len: usize) -> RunSettings
         augment: cfg.augment,
         label_smoothing: cfg.label_smoothing,
         nesterov: cfg.nesterov,
+        recipe: cfg.recipe,
     }
 }
 
@@ -254,6 +273,13 @@ fn open(cfg: &TrainConfig) -> Result<Opened> {
                 test.sample_shape()
             ),
         ));
+    }
+    if cfg.recipe == Recipe::Fast && cfg.batch_size > train.len() {
+        return Err(Error::Config(format!(
+            "--batch-size {}: more than the {} training images, and --recipe fast drops a short batch",
+            cfg.batch_size,
+            train.len()
+        )));
     }
     let n_classes = classes.len().max(1 + *train.file().labels().iter().max().unwrap_or(&0) as usize) as i64;
     let settings = settings_of(cfg, n_classes, train.len());
@@ -343,6 +369,10 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
     let net = model::build(cfg.model, &vs.root(), n_classes);
     let mut opt = Sgd::new(&vs, cfg.lr, cfg.momentum, cfg.weight_decay);
     opt.nesterov = cfg.nesterov;
+    let fast = cfg.recipe == Recipe::Fast;
+    if fast && !cfg.resume {
+        fast::init_whitening(&vs, &fast::first_images(&train, fast::WHITEN_IMAGES, cfg.device)?, 5e-4);
+    }
     let mut pos = Position { epoch: 0, step: 0, global_step: 0 };
     match group {
         // Rank 0 alone reads the checkpoint, then gives the others its position and weights.
@@ -353,7 +383,11 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
     // Only where the steps read from the mapping: a CUDA-resident split is read once, in order.
     let reads_mapping = !cfg.resident || cfg.device == Device::Cpu;
     let populate_seconds = if reads_mapping { populate(&train, progress) } else { 0.0 };
-    let augment = if cfg.augment { Augment::standard() } else { Augment::default() };
+    let augment = match (fast, cfg.augment) {
+        (true, _) => Augment { crop_padding: fast::TRANSLATE, padding: Some(Padding::Reflect), flip: true },
+        (false, true) => Augment::standard(),
+        (false, false) => Augment::default(),
+    };
     let mut batches = Batches::new(cfg, &train, augment, pos)?;
     // A data-parallel epoch has rank 0's steps (a shard may have one batch fewer: it then
     // joins the last step with no samples of its own).
@@ -363,9 +397,20 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
         }
         None => batches.per_epoch(),
     };
+    // The fast recipe runs 9.9 epochs: its last is cut short, and that is its end, not a stop.
+    let max_steps = match cfg.max_steps {
+        None if fast => Some((fast::EPOCHS * per_epoch as f64).ceil() as usize),
+        m => m,
+    };
+    let mut schedule = fast.then(|| {
+        let total = max_steps.unwrap_or(cfg.epochs as usize * per_epoch);
+        fast::Schedule::new(&vs, &mut opt, cfg.batch_size.min(train.len()), (cfg.lr, cfg.weight_decay), total)
+    });
     let mut record = Record::new(cfg.metrics.as_deref().filter(|_| main), per_epoch)?;
     let remaining = (cfg.epochs.saturating_sub(pos.epoch) as usize * per_epoch).saturating_sub(pos.step);
-    progress.run(cfg.max_steps.map_or(remaining, |m| remaining.min(m.saturating_sub(pos.global_step))));
+    progress.run(max_steps.map_or(remaining, |m| remaining.min(m.saturating_sub(pos.global_step))));
+    // Test-time augmentation (and one evaluation, at the end) for the fast recipe.
+    let tta = if fast { 2 } else { 0 };
 
     let mut governor = if cfg.adapt_threads && cfg.device == Device::Cpu {
         threads::Governor::start(std::time::Duration::from_millis(300))
@@ -376,13 +421,16 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
         progress.line(&format!("libtorch threads: {} (the cores other programs leave free)", g.threads()));
     }
     // `--max-steps 0` (or a resumed run already past it) trains no step.
-    let no_steps = cfg.max_steps.is_some_and(|m| pos.global_step >= m);
+    let no_steps = max_steps.is_some_and(|m| pos.global_step >= m);
     'epochs: while pos.epoch < cfg.epochs && !no_steps {
         let epoch = pos.epoch;
         progress.epoch(epoch, per_epoch - pos.step);
         let mut running = RunningLoss::new(cfg.device);
         let mut window = RunningLoss::new(cfg.device);
         let mut times = StepTimes::default();
+        if let Some(s) = &schedule {
+            s.epoch(&mut opt, epoch);
+        }
         let mut fetch = batches.epoch(epoch, pos.step);
         let mut last = Instant::now();
         loop {
@@ -404,6 +452,9 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
             {
                 save_batch_preview(&batch.images, &batch.labels, train.file(), png)?;
                 record.files.push(png.clone());
+            }
+            if let Some(s) = &schedule {
+                s.step(&mut opt, pos.global_step);
             }
             let (loss, n, comm, interrupted) = match group {
                 None => {
@@ -431,9 +482,12 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
             }
             pos.step += 1;
             pos.global_step += 1;
+            if let Some(s) = &mut schedule {
+                s.after(pos.global_step);
+            }
             record.chart_point(pos, &mut window, &times, false);
             progress.step(times.images as f64 / times.total.as_secs_f64());
-            let stop = interrupted || cfg.max_steps.is_some_and(|m| pos.global_step >= m);
+            let stop = interrupted || max_steps.is_some_and(|m| pos.global_step >= m);
             if (pos.step.is_multiple_of(cfg.log_every) || stop)
                 && let Some(mean) = running.take_mean()
             {
@@ -450,8 +504,15 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
                 }
                 // An early stop still reports the model's accuracy, unless interrupted.
                 if let Some(test) = test.as_ref().filter(|_| cfg.eval && !interrupted) {
-                    let e =
-                        evaluate_in(group, &*net, test, cfg.batch_size.max(500), cfg.workers, cfg.device)?;
+                    let e = evaluate_in(
+                        group,
+                        &*net,
+                        test,
+                        cfg.batch_size.max(500),
+                        cfg.workers,
+                        cfg.device,
+                        tta,
+                    )?;
                     progress.line(&format!(
                         "stopped at epoch {}, step {}: test accuracy {:.2}%",
                         pos.epoch + 1,
@@ -475,8 +536,8 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
         if let Some(dir) = cfg.checkpoint.as_ref().filter(|_| main) {
             save(dir, &vs, &opt, &settings, pos)?;
         }
-        if let Some(test) = test.as_ref().filter(|_| cfg.eval) {
-            match evaluate_in(group, &*net, test, cfg.batch_size.max(500), cfg.workers, cfg.device) {
+        if let Some(test) = test.as_ref().filter(|_| cfg.eval && !fast) {
+            match evaluate_in(group, &*net, test, cfg.batch_size.max(500), cfg.workers, cfg.device, tta) {
                 Ok(e) => record.evaluation(progress, epoch, e, &times)?,
                 // Ctrl-C during the evaluation: the epoch is checkpointed, the run ends now.
                 Err(Error::Interrupted) => {
@@ -491,7 +552,7 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
         record.stopped_early = true;
         if let Some(test) = test.as_ref().filter(|_| cfg.eval) {
             record.eval =
-                Some(evaluate_in(group, &*net, test, cfg.batch_size.max(500), cfg.workers, cfg.device)?);
+                Some(evaluate_in(group, &*net, test, cfg.batch_size.max(500), cfg.workers, cfg.device, tta)?);
         }
     }
     if let Some(dir) = cfg.plot.as_ref().filter(|_| main) {
@@ -628,7 +689,11 @@ fn train_step(
 ) -> Tensor {
     let loss = forward_loss(net, images, labels, cfg);
     opt.zero_grad();
-    loss.backward();
+    match cfg.recipe {
+        // The recipe's rates are for the loss summed over the batch (the mean is reported).
+        Recipe::Fast => (&loss * labels.size()[0] as f64).backward(),
+        Recipe::Tutorial => loss.backward(),
+    }
     opt.step();
     loss
 }
@@ -720,6 +785,12 @@ fn check(cfg: &TrainConfig) -> Result<()> {
     }
     if !(0.0..=1.0).contains(&cfg.label_smoothing) {
         return Err(Error::Config(format!("--label-smoothing {}: must be from 0 to 1", cfg.label_smoothing)));
+    }
+    if cfg.recipe == Recipe::Fast && cfg.group.is_some() {
+        return Err(Error::Config("--recipe fast trains in one process (no data-parallel runs)".into()));
+    }
+    if cfg.recipe == Recipe::Fast && cfg.model != ModelKind::Airbench {
+        return Err(Error::Config("--recipe fast trains its own net (--model airbench)".into()));
     }
     if cfg.nesterov && cfg.momentum <= 0.0 {
         return Err(Error::Config("--nesterov needs a momentum above 0 (--momentum)".into()));
@@ -1054,10 +1125,11 @@ pub fn evaluate(
     workers: usize,
     device: Device,
 ) -> Result<Evaluation> {
-    evaluate_in(None, net, test, batch_size, workers, device)
+    evaluate_in(None, net, test, batch_size, workers, device, 0)
 }
 
-/// [`evaluate`], shared by the ranks of `group` where there is one: each counts its shard of
+/// [`evaluate`] with test-time augmentation level `tta` ([`fast::tta_logits`]), shared by
+/// the ranks of `group` where there is one: each counts its shard of
 /// the test split and one all-reduce sums the confusion matrices, so every rank has the whole
 /// split's result (the same as one process's) in a world-th of the time. With a group the
 /// evaluation is not cut short by an interrupt, which the ranks agree on at the next step.
@@ -1068,6 +1140,7 @@ pub fn evaluate_in(
     batch_size: usize,
     workers: usize,
     device: Device,
+    tta: u8,
 ) -> Result<Evaluation> {
     let (rank, world) = group.map_or((0, 1), |g| (g.rank(), g.world()));
     let classes = test.classes().len().max(1 + *test.file().labels().iter().max().unwrap_or(&0) as usize);
@@ -1087,7 +1160,7 @@ pub fn evaluate_in(
                 return Err(Error::Interrupted);
             }
             let b = b?;
-            let pred = net.forward_t(&b.images, false).argmax(1, false).to_device(Device::Cpu);
+            let pred = fast::tta_logits(net, &b.images, tta).argmax(1, false).to_device(Device::Cpu);
             let pred = Vec::<i64>::try_from(&pred).expect("i64 predictions");
             let truth = Vec::<i64>::try_from(&b.labels.to_device(Device::Cpu)).expect("i64 labels");
             for (t, p) in truth.into_iter().zip(pred) {

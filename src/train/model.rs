@@ -10,6 +10,8 @@ pub enum ModelKind {
     Lenet,
     /// A small ResNet: a stem and three stages of two basic blocks (32, 64, 128 channels).
     Resnet,
+    /// The fast recipe's net (airbench94's): see [`super::fast`].
+    Airbench,
 }
 
 impl ModelKind {
@@ -18,6 +20,7 @@ impl ModelKind {
         match self {
             ModelKind::Lenet => "lenet",
             ModelKind::Resnet => "resnet",
+            ModelKind::Airbench => "airbench",
         }
     }
 }
@@ -27,6 +30,7 @@ pub fn build(kind: ModelKind, vs: &nn::Path, classes: i64) -> Box<dyn ModuleT> {
     match kind {
         ModelKind::Lenet => Box::new(lenet(vs, classes)),
         ModelKind::Resnet => Box::new(resnet(vs, classes)),
+        ModelKind::Airbench => Box::new(super::fast::net(vs, classes)),
     }
 }
 

@@ -18,6 +18,12 @@ pub struct Sgd {
     /// Nesterov momentum (`torch.optim.SGD(nesterov=True)`): the step is `d + m·buf` rather
     /// than `buf`. Off by default.
     pub nesterov: bool,
+    /// Per element of the flat buffer (name order), a multiplier of `lr` (parameter groups
+    /// with their own rates, as the fast recipe's batch-norm biases); `None`: 1 for all.
+    pub lr_scale: Option<Tensor>,
+    /// Per element, the weight decay in place of `weight_decay` (a group's own); `None`: the
+    /// scalar for all.
+    pub decay: Option<Tensor>,
     /// `(name, variable, offset, numel)` in name order.
     params: Vec<(String, Tensor, i64, i64)>,
     flat: Tensor,
@@ -52,7 +58,19 @@ impl Sgd {
         });
         let clear =
             nn::OptimizerConfig::build(nn::Sgd::default(), vs, 0.0).expect("an optimizer over the variables");
-        Sgd { lr, momentum, weight_decay, nesterov: false, params, flat, buffer: None, clear, factors: None }
+        Sgd {
+            lr,
+            momentum,
+            weight_decay,
+            nesterov: false,
+            lr_scale: None,
+            decay: None,
+            params,
+            flat,
+            buffer: None,
+            clear,
+            factors: None,
+        }
     }
 
     /// Clears the gradients (to none, as PyTorch's `zero_grad()` does).
@@ -100,8 +118,14 @@ impl Sgd {
             reduce(&all)?;
             let n = self.flat.numel() as i64;
             let mut d = all.narrow(0, 0, n);
-            if self.weight_decay != 0.0 {
-                let _ = d.g_add_(&self.flat.g_mul_scalar(self.weight_decay));
+            match &self.decay {
+                Some(w) => {
+                    let _ = d.addcmul_(&self.flat, w);
+                }
+                None if self.weight_decay != 0.0 => {
+                    let _ = d.g_add_(&self.flat.g_mul_scalar(self.weight_decay));
+                }
+                None => {}
             }
             if self.momentum != 0.0 {
                 match &mut self.buffer {
@@ -120,7 +144,10 @@ impl Sgd {
                     d = b.shallow_clone();
                 }
             }
-            let _ = self.flat.addcmul_(&d, neg_lr);
+            let _ = match &self.lr_scale {
+                Some(scale) => self.flat.addcmul_(&d, &(scale * neg_lr)),
+                None => self.flat.addcmul_(&d, neg_lr),
+            };
             Ok(all.narrow(0, n, extra.len() as i64))
         })
     }
@@ -191,6 +218,52 @@ mod tests {
     #[test]
     fn nesterov_steps_match_torch_sgd_per_variable() {
         steps_match(true);
+    }
+
+    /// Parameter groups as `torch.optim.SGD` takes them: per group `lr_g` and `wd_g`, here as
+    /// per-element multipliers and decays over the flat buffer.
+    #[test]
+    fn per_element_rates_and_decays_are_parameter_groups() {
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let net = nn::linear(vs.root() / "fc", 4, 2, Default::default());
+        let mut opt = Sgd::new(&vs, 0.1, 0.9, 0.0);
+        opt.nesterov = true;
+        // Name order: fc.bias (2), then fc.weight (8).
+        let (scale, decay) = ([4.0f32, 4.0], [0.02f32, 0.02]);
+        let scales: Vec<f32> = scale.iter().copied().chain([1.0; 8]).collect();
+        let decays: Vec<f32> = decay.iter().copied().chain([0.01; 8]).collect();
+        opt.lr_scale = Some(Tensor::from_slice(&scales));
+        opt.decay = Some(Tensor::from_slice(&decays));
+        let groups = [("fc.bias", 0.4, 0.02), ("fc.weight", 0.1, 0.01)];
+        let mut expected: Vec<Tensor> =
+            groups.iter().map(|(n, ..)| vs.variables()[*n].detach().copy()).collect();
+        let mut bufs: Vec<Option<Tensor>> = vec![None, None];
+        for step in 0..3 {
+            let x = (Tensor::arange(12, (Kind::Float, tch::Device::Cpu)) * (0.3 + step as f64))
+                .cos()
+                .view([3, 4]);
+            opt.zero_grad();
+            nn::Module::forward(&net, &x).square().sum(Kind::Float).backward();
+            let vars = vs.variables();
+            for (i, (name, lr, wd)) in groups.iter().enumerate() {
+                let d = vars[*name].grad() + &expected[i] * *wd;
+                let b = match bufs[i].take() {
+                    Some(b) => b * 0.9 + &d,
+                    None => d.copy(),
+                };
+                expected[i] = &expected[i] - (&d + &b * 0.9) * *lr;
+                bufs[i] = Some(b);
+            }
+            opt.step();
+        }
+        let vars = vs.variables();
+        for (i, (name, ..)) in groups.iter().enumerate() {
+            // Within rounding (fused kernels round a multiply-add once), as the test above.
+            let diff = (&vars[*name] - &expected[i]).abs().max().double_value(&[]);
+            let scale = expected[i].abs().max().double_value(&[]);
+            assert!(diff <= 1e-5 * (1.0 + scale), "{name} differs by {diff} (values up to {scale})");
+        }
     }
 
     fn steps_match(nesterov: bool) {

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// Below the ephemeral range, where Gloo's own listeners cannot take it first.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    cifar_fast::dist::launch::free_port().unwrap()
 }
 
 fn base_args(dir: &Path) -> Vec<String> {

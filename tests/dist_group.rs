@@ -7,8 +7,9 @@ use std::time::Duration;
 use cifar_fast::dist::{Launch, ProcessGroup};
 use tch::{Device, Tensor, nn};
 
+/// Below the ephemeral range, where Gloo's own listeners cannot take it first.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    cifar_fast::dist::launch::free_port().unwrap()
 }
 
 fn launch(rank: usize, world: usize, port: u16) -> Launch {
@@ -140,8 +141,8 @@ fn the_launch_is_read_from_torchruns_and_slurms_variables_and_bad_ones_are_named
 fn a_python_rank_joins_the_group_as_torch_distributed_makes_it() {
     let port = free_port();
     let script = r#"
-import os, torch, torch.distributed as dist
-dist.init_process_group("gloo", rank=1, world_size=2)
+import datetime, torch, torch.distributed as dist
+dist.init_process_group("gloo", rank=1, world_size=2, timeout=datetime.timedelta(seconds=60))
 t = torch.tensor([1.0, 2.0, 3.0])
 dist.all_reduce(t)
 b = torch.zeros(2)

@@ -116,9 +116,28 @@ pub fn local(
     Ok(exits)
 }
 
-/// A port nothing listens on now (the OS's choice), for the rendezvous store. Rank 0 binds it
-/// an instant later; another program taking it in between makes the start fail, not hang.
-fn free_port() -> Result<u16> {
+/// A port nothing listens on now, for a rendezvous store on 127.0.0.1, chosen below the
+/// kernel's ephemeral range: a port from that range, released for rank 0 to bind an instant
+/// later, could meanwhile be handed to any socket bound to port 0 — Gloo binds its own that
+/// way — and the store would then fail to start. (Another program choosing the same port
+/// makes the start fail, not hang.)
+pub fn free_port() -> Result<u16> {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let span = low.saturating_sub(20000).max(1) as u64;
+    let mut x = crate::sampler::mix(&[
+        std::process::id() as u64,
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64),
+    ]);
+    for _ in 0..64 {
+        x = crate::sampler::mix(&[x]);
+        let port = 20000 + (x % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -144,6 +144,25 @@ fn a_rank_that_cannot_start_stops_the_others_naming_itself() {
     assert_eq!(outs[1].status.code(), Some(1), "{}", text(&outs[1]));
 }
 
+#[test]
+fn a_setting_refused_on_one_rank_stops_the_other_at_once() {
+    let dir = learnable_data(&scratch("dist_bad_setting"), 8);
+    let port = free_port();
+    let mut good = base_args(&dir);
+    good.extend(["--epochs", "1"].map(String::from));
+    let mut bad = good.clone();
+    bad.extend(["--lr", "-1"].map(String::from));
+    let t = Instant::now();
+    let children = [rank(0, 2, port, &good), rank(1, 2, port, &bad)];
+    let outs: Vec<_> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    let err0 = String::from_utf8_lossy(&outs[0].stderr);
+    assert_eq!(outs[0].status.code(), Some(1), "{}", text(&outs[0]));
+    assert!(err0.contains("rank 1: invalid setting: --lr -1"), "{err0}");
+    assert_eq!(outs[1].status.code(), Some(1), "{}", text(&outs[1]));
+    // Not after the 30 s the ranks would wait for each other.
+    assert!(t.elapsed() < Duration::from_secs(15), "took {:?}", t.elapsed());
+}
+
 /// Two ranks training for long; returns them once rank 0 has printed its second epoch.
 fn two_ranks_training(dir: &Path, timeout: &str) -> (Child, BufReader<std::process::ChildStdout>, Child) {
     let port = free_port();

@@ -434,23 +434,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.recipe == RecipeArg::Fast {
         fast_recipe(&mut cfg);
     }
-    // Settings and paths are checked before any data is fetched, prepared or trained on.
-    cfg.check()?;
-    for (flag, path) in
-        [("--metrics", &args.metrics), ("--export", &args.export), ("--preview-batch", &args.preview_batch)]
-    {
-        if let Some(p) = path
-            && let Some(parent) = p.parent().filter(|d| !d.as_os_str().is_empty())
-            && !parent.is_dir()
-        {
-            bail!("{flag} {}: the directory {} does not exist", p.display(), parent.display());
-        }
-    }
-    for (flag, dir) in [("--plot", &args.plot), ("--checkpoint", &args.checkpoint)] {
-        if let Some(d) = dir {
-            std::fs::create_dir_all(d).with_context(|| format!("{flag} {}", d.display()))?;
-        }
-    }
+    // Settings and paths are checked before any data is fetched, prepared or trained on; a
+    // rank's verdict reaches the other ranks once it has joined them (below), so that one
+    // rank's bad setting stops them all at once, naming it.
+    let checked = match (launch.is_none(), check_settings(&cfg, &args)) {
+        (true, verdict) => Ok(verdict?),
+        (false, verdict) => verdict.map_err(|e| format!("{e:#}")),
+    };
     let main = launch.as_ref().is_none_or(|l| l.rank == 0);
     ctrlc::set_handler(move || {
         // Once, and from one process: every rank of a local job gets the terminal's Ctrl-C.
@@ -478,6 +468,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(l) => Some(Arc::new(ProcessGroup::join(l, device, Duration::from_secs(args.dist_timeout))?)),
         None => None,
     };
+    if let Some(g) = &group {
+        g.exchange("check", checked.map(|()| String::new()))?;
+    }
     // One rank a machine prepares data that is not there yet; the others wait for it, then
     // look. Either step failing on any rank ends every rank, naming it.
     let outcome = |d: &anyhow::Result<(PathBuf, PathBuf)>| match d {
@@ -643,4 +636,26 @@ fn fast_recipe(cfg: &mut TrainConfig) {
     if !explicit("--log-every") {
         cfg.log_every = 8000usize.div_ceil(cfg.batch_size).max(1);
     }
+}
+
+/// The settings `cfg.check()` refuses, and output paths in directories that do not exist;
+/// makes the `--plot` and `--checkpoint` directories.
+fn check_settings(cfg: &TrainConfig, args: &Args) -> anyhow::Result<()> {
+    cfg.check()?;
+    for (flag, path) in
+        [("--metrics", &args.metrics), ("--export", &args.export), ("--preview-batch", &args.preview_batch)]
+    {
+        if let Some(p) = path
+            && let Some(parent) = p.parent().filter(|d| !d.as_os_str().is_empty())
+            && !parent.is_dir()
+        {
+            bail!("{flag} {}: the directory {} does not exist", p.display(), parent.display());
+        }
+    }
+    for (flag, dir) in [("--plot", &args.plot), ("--checkpoint", &args.checkpoint)] {
+        if let Some(d) = dir {
+            std::fs::create_dir_all(d).with_context(|| format!("{flag} {}", d.display()))?;
+        }
+    }
+    Ok(())
 }

@@ -25,14 +25,8 @@ fn cifar_train(args: &[String]) -> std::process::Output {
 
 /// Rank `rank` of `world`, started by hand as torchrun would (its variables set).
 fn rank(rank: usize, world: usize, port: u16, args: &[String]) -> Child {
-    Command::new(train_exe())
+    cifar_fast::dist::launch::rank_command(train_exe(), rank, world, port)
         .args(args)
-        .env("RANK", rank.to_string())
-        .env("WORLD_SIZE", world.to_string())
-        .env("LOCAL_RANK", rank.to_string())
-        .env("LOCAL_WORLD_SIZE", world.to_string())
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -128,16 +122,24 @@ fn ranks_started_with_different_settings_are_refused_naming_the_difference() {
     }
 }
 
-#[test]
-fn a_rank_that_cannot_start_stops_the_others_naming_itself() {
-    let dir = learnable_data(&scratch("dist_missing"), 8);
+/// Ranks 0 and 1 of one job, the same arguments but for `extra` on rank 1 alone; their
+/// outputs, and the time until both ended.
+fn with_rank_1_given(name: &str, extra: &[&str]) -> (Vec<std::process::Output>, Duration) {
+    let dir = learnable_data(&scratch(name), 8);
     let port = free_port();
     let mut good = base_args(&dir);
     good.extend(["--epochs", "1"].map(String::from));
     let mut bad = good.clone();
-    bad.extend(["--dataset", "elsewhere"].map(String::from));
+    bad.extend(extra.iter().map(|s| s.to_string()));
+    let t = Instant::now();
     let children = [rank(0, 2, port, &good), rank(1, 2, port, &bad)];
-    let outs: Vec<_> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    let outs = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    (outs, t.elapsed())
+}
+
+#[test]
+fn a_rank_that_cannot_start_stops_the_others_naming_itself() {
+    let (outs, _) = with_rank_1_given("dist_missing", &["--dataset", "elsewhere"]);
     let err0 = String::from_utf8_lossy(&outs[0].stderr);
     assert_eq!(outs[0].status.code(), Some(1), "{}", text(&outs[0]));
     assert!(err0.contains("rank 1: no prepared dataset \"elsewhere\""), "{err0}");
@@ -146,21 +148,13 @@ fn a_rank_that_cannot_start_stops_the_others_naming_itself() {
 
 #[test]
 fn a_setting_refused_on_one_rank_stops_the_other_at_once() {
-    let dir = learnable_data(&scratch("dist_bad_setting"), 8);
-    let port = free_port();
-    let mut good = base_args(&dir);
-    good.extend(["--epochs", "1"].map(String::from));
-    let mut bad = good.clone();
-    bad.extend(["--lr", "-1"].map(String::from));
-    let t = Instant::now();
-    let children = [rank(0, 2, port, &good), rank(1, 2, port, &bad)];
-    let outs: Vec<_> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    let (outs, took) = with_rank_1_given("dist_bad_setting", &["--lr", "-1"]);
     let err0 = String::from_utf8_lossy(&outs[0].stderr);
     assert_eq!(outs[0].status.code(), Some(1), "{}", text(&outs[0]));
     assert!(err0.contains("rank 1: invalid setting: --lr -1"), "{err0}");
     assert_eq!(outs[1].status.code(), Some(1), "{}", text(&outs[1]));
     // Not after the 30 s the ranks would wait for each other.
-    assert!(t.elapsed() < Duration::from_secs(15), "took {:?}", t.elapsed());
+    assert!(took < Duration::from_secs(15), "took {took:?}");
 }
 
 /// Two ranks training for long; returns them once rank 0 has printed its second epoch.

@@ -54,16 +54,7 @@ pub fn local(
     let port = free_port()?;
     let mut children: Vec<(usize, Child)> = Vec::with_capacity(n);
     for rank in 0..n {
-        let child = Command::new(exe)
-            .args(args)
-            .env("RANK", rank.to_string())
-            .env("LOCAL_RANK", rank.to_string())
-            .env("WORLD_SIZE", n.to_string())
-            .env("LOCAL_WORLD_SIZE", n.to_string())
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string())
-            .env_remove("TORCHELASTIC_USE_AGENT_STORE")
-            .spawn();
+        let child = rank_command(exe, rank, n, port).args(args).spawn();
         match child {
             Ok(c) => children.push((rank, c)),
             Err(e) => {
@@ -114,6 +105,21 @@ pub fn local(
     }
     exits.sort_by_key(|e| e.rank);
     Ok(exits)
+}
+
+/// `exe` as local rank `rank` of `world` on this machine, its rendezvous at
+/// `127.0.0.1:port`: torchrun's variables set as `torchrun --standalone` sets them, and
+/// torchrun's agent store (which this launch has none of) unset.
+pub fn rank_command(exe: impl AsRef<std::ffi::OsStr>, rank: usize, world: usize, port: u16) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.env("RANK", rank.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("LOCAL_WORLD_SIZE", world.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env_remove("TORCHELASTIC_USE_AGENT_STORE");
+    cmd
 }
 
 /// A port nothing listens on now, for a rendezvous store on 127.0.0.1, chosen below the

@@ -169,26 +169,14 @@ pub fn tta_logits(net: &dyn ModuleT, x: &Tensor, level: u8) -> Tensor {
 /// Which of a flat parameter list (in name order) learn at the batch-norm bias rate, and
 /// which is the whitening bias.
 pub struct Groups {
-    /// `(offset, numel, is_norm_bias, is_whiten_bias)` per trainable variable, name order.
-    pub spans: Vec<(i64, i64, bool, bool)>,
+    /// `(numel, is_norm_bias, is_whiten_bias)` per variable, in the flat buffer's order.
+    pub spans: Vec<(i64, bool, bool)>,
 }
 
 impl Groups {
-    /// From `vs`'s trainable variables in name order (the order of the flat SGD buffer).
-    pub fn of(vs: &nn::VarStore) -> Groups {
-        let mut named: Vec<(String, Tensor)> =
-            vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut offset = 0;
-        let spans = named
-            .iter()
-            .map(|(name, t)| {
-                let n = t.numel() as i64;
-                let span = (offset, n, name.contains("norm"), name == "whiten.bias");
-                offset += n;
-                span
-            })
-            .collect();
+    /// Over `opt`'s variables, in the order of its flat buffer.
+    pub fn of(opt: &Sgd) -> Groups {
+        let spans = opt.layout().map(|(name, n)| (n, name.contains("norm"), name == "whiten.bias")).collect();
         Groups { spans }
     }
 
@@ -196,7 +184,7 @@ impl Groups {
     /// biases, 0 for the whitening bias once frozen, else 1).
     pub fn lr_scale(&self, whiten_bias_trains: bool) -> Vec<f32> {
         let mut out = Vec::new();
-        for &(_, n, norm, whiten) in &self.spans {
+        for &(n, norm, whiten) in &self.spans {
             let s = if whiten && !whiten_bias_trains {
                 0.0
             } else if norm {
@@ -219,9 +207,7 @@ pub struct Lookahead {
 impl Lookahead {
     /// Starts the average at `vs`'s values.
     pub fn new(vs: &nn::VarStore) -> Lookahead {
-        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        let pairs = named.into_iter().map(|(_, v)| (v.detach().copy(), v)).collect();
+        let pairs = vs.variables().into_values().map(|v| (v.detach().copy(), v)).collect();
         Lookahead { pairs }
     }
 
@@ -263,7 +249,7 @@ impl Schedule {
         total: usize,
     ) -> Schedule {
         let (lr, wd) = sgd_rates(batch, lr, opt.momentum, weight_decay);
-        let groups = Groups::of(vs);
+        let groups = Groups::of(opt);
         // Each group's decay is wd / its rate, as airbench gives torch's SGD, so that
         // rate × decay is wd for all; nothing for the frozen whitening bias.
         let decay: Vec<f32> = groups

@@ -152,6 +152,11 @@ impl Sgd {
         })
     }
 
+    /// The variables in the flat buffer's order, with their lengths: `(name, numel)`.
+    pub fn layout(&self) -> impl Iterator<Item = (&str, i64)> {
+        self.params.iter().map(|(name, _, _, n)| (name.as_str(), *n))
+    }
+
     /// All parameters, flat in name order (a view the variables share: writing it writes them).
     pub fn flat_params(&self) -> &Tensor {
         &self.flat

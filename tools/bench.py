@@ -46,6 +46,34 @@ def ensure_data(data):
     sh([os.path.join(RELEASE, "cifar-prep"), os.path.join(data, "cifar-10-binary.tar.gz"), "--out", data])
 
 
+def last_json(path):
+    """The last line of a JSON-lines file (cifar-train's metrics: the summary)."""
+    with open(path) as f:
+        return json.loads(f.read().strip().splitlines()[-1])
+
+
+def interleaved(contenders, reps, batch_sizes):
+    """Each (contender, batch size)'s results over `reps` rounds, each contender run after the
+    others in turn: whatever one leaves behind (a warm or busy machine) falls on each alike."""
+    rows = {}
+    for rep in range(reps):
+        k = rep % len(contenders)
+        for b in batch_sizes:
+            for name, run in contenders[k:] + contenders[:k]:
+                rows.setdefault((name, b), []).append(run(b))
+    return rows
+
+
+def field(rows, name, b, key="images_per_s"):
+    return [r[key] for r in rows[(name, b)]]
+
+
+def ratio(num, den):
+    """The median of the ratios within each rep (runs seconds apart): this machine's speed
+    drifts between reps by more than the differences measured."""
+    return median([n / d for n, d in zip(num, den)])
+
+
 def warm(path):
     with open(path, "rb") as f:
         while f.read(1 << 24):
@@ -203,7 +231,6 @@ def bench_train(args):
     warm(os.path.join(data, "cifar10-train.safetensors"))
     ref_steps = {4: 1500, 32: 300, 256: 40}
     our_steps = {4: 5000, 32: 1200, 256: 150}
-    rows = {}
     metrics = os.path.join(tempfile.mkdtemp(), "m.jsonl")
 
     def reference(b):
@@ -214,26 +241,16 @@ def bench_train(args):
         sh([os.path.join(RELEASE, "cifar-train"), "--data", data, "--device", "cpu", "--batch-size", str(b),
             "--workers", str(args.workers[0]), "--epochs", "1", "--max-steps", str(our_steps.get(b, 150)),
             "--metrics", metrics])
-        with open(metrics) as f:
-            return json.loads(f.read().strip().splitlines()[-1])
+        return last_json(metrics)
 
     def bound(b):
         return json_line([step_exe, "--batch-size", str(b), "--steps", str(our_steps.get(b, 150))])
 
     contenders = [("reference", reference), ("ours", ours), ("bound", bound)]
-    for rep in range(args.reps):
-        for b in args.batch_sizes:
-            # Each run after the other two in turn: whatever one leaves behind (a warm or busy
-            # machine) falls on each alike.
-            for name, run in contenders[rep % 3:] + contenders[:rep % 3]:
-                rows.setdefault((name, b), []).append(run(b))
-    def values(name, b, key="images_per_s"):
-        return [r[key] for r in rows[(name, b)]]
+    rows = interleaved(contenders, args.reps, args.batch_sizes)
 
-    # Ratios are taken within a rep (runs seconds apart) and their median reported: this
-    # machine's speed drifts between reps by more than the differences measured.
-    def ratio(num, den):
-        return median([n / d for n, d in zip(num, den)])
+    def values(name, b, key="images_per_s"):
+        return field(rows, name, b, key)
 
     med = {k: median(values(*k)) for k in rows}
     wait = {b: median(values("ours", b, "data_wait_share")) for b in args.batch_sizes}
@@ -272,8 +289,7 @@ def bench_busy(args):
     def ours(b, extra):
         sh([os.path.join(RELEASE, "cifar-train"), "--data", data, "--device", "cpu", "--batch-size", str(b),
             "--epochs", "1", "--max-steps", str(our_steps[b]), "--no-eval", "--metrics", metrics] + extra)
-        with open(metrics) as f:
-            return json.loads(f.read().strip().splitlines()[-1])["steady_images_per_s"]
+        return last_json(metrics)["steady_images_per_s"]
 
     def reference(b):
         return json_line([sys.executable, REFERENCE, "--root", os.path.join(data, "py"), "--batch-size", str(b),
@@ -323,8 +339,7 @@ def bench_accuracy(args):
     sh([os.path.join(RELEASE, "cifar-train"), "--data", data, "--device", "cpu", "--batch-size", "32",
         "--epochs", str(args.epochs), "--metrics", metrics])
     ours_s = time.perf_counter() - t
-    with open(metrics) as f:
-        ours = json.loads(f.read().strip().splitlines()[-1])
+    ours = last_json(metrics)
     print(f"\n{args.epochs} epochs at batch 32, SGD lr 0.001 momentum 0.9, CPU\n")
     print("| | test accuracy | wall time (s) |")
     print("|---|---:|---:|")
@@ -354,23 +369,15 @@ def bench_ddp(args):
     def ours(b, extra):
         sh([exe, "--data", data, "--device", "cpu", "--epochs", "1", "--max-steps", str(our_steps.get(b, 150)),
             "--no-eval", "--metrics", metrics] + extra)
-        with open(metrics) as f:
-            return json.loads(f.read().strip().splitlines()[-1])
+        return last_json(metrics)
 
     contenders = [("pytorch-ddp", reference),
                   ("ranks", lambda b: ours(b, ["--nproc-per-node", "2", "--threads", "1", "--batch-size", str(b)])),
                   ("one", lambda b: ours(b, ["--threads", "2", "--batch-size", str(2 * b)]))]
-    rows = {}
-    for rep in range(args.reps):
-        for b in args.batch_sizes:
-            for name, run in contenders[rep % 3:] + contenders[:rep % 3]:
-                rows.setdefault((name, b), []).append(run(b))
+    rows = interleaved(contenders, args.reps, args.batch_sizes)
 
     def values(name, b, key="images_per_s"):
-        return [r[key] for r in rows[(name, b)]]
-
-    def ratio(num, den):
-        return median([n / d for n, d in zip(num, den)])
+        return field(rows, name, b, key)
 
     print(f"\nData-parallel CPU training, 2 ranks × 1 thread on {os.cpu_count()} cores, the job's images/s, "
           f"median of {args.reps} reps (ratios: median of the ratios within each rep)\n")

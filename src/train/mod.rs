@@ -291,36 +291,31 @@ fn open(cfg: &TrainConfig) -> Result<Opened> {
 /// writes may differ).
 fn agreed_settings(cfg: &TrainConfig, o: &Opened) -> String {
     let conversion = o.train.file().metadata().get("conversion").cloned();
-    serde_json::json!({
-        "run": o.settings, "epochs": cfg.epochs, "max_steps": cfg.max_steps, "amp": cfg.amp,
+    // One flat object: the checkpoint's settings and the rest beside them.
+    let mut all = serde_json::to_value(&o.settings).expect("settings serialize");
+    let extra = serde_json::json!({
+        "epochs": cfg.epochs, "max_steps": cfg.max_steps, "amp": cfg.amp,
         "resident": cfg.resident, "eval": cfg.eval, "device": format!("{:?}", cfg.device).split('(').next(),
         "resume": cfg.resume, "test_len": o.test.as_ref().map(|t| t.len()),
         "sample_shape": o.train.sample_shape(), "train_conversion": conversion,
-    })
-    .to_string()
+    });
+    if let (Some(all), Some(extra)) = (all.as_object_mut(), extra.as_object()) {
+        all.extend(extra.clone());
+    }
+    all.to_string()
 }
 
 /// Refuses ranks whose settings differ from rank 0's, naming each difference.
 fn check_agreement(all: &[String]) -> Result<()> {
-    let parse = |s: &String| serde_json::from_str::<serde_json::Value>(s).unwrap_or_default();
+    type Settings = serde_json::Map<String, serde_json::Value>;
+    let parse = |s: &String| serde_json::from_str::<Settings>(s).unwrap_or_default();
     let first = parse(&all[0]);
     let mut diffs = Vec::new();
     for (r, s) in all.iter().enumerate().skip(1) {
-        let v = parse(s);
-        let flat = |v: &serde_json::Value| -> Vec<(String, serde_json::Value)> {
-            let mut out = Vec::new();
-            for (k, x) in v.as_object().into_iter().flatten() {
-                match x.as_object() {
-                    Some(inner) => out.extend(inner.iter().map(|(k2, y)| (k2.clone(), y.clone()))),
-                    None => out.push((k.clone(), x.clone())),
-                }
-            }
-            out
-        };
-        let theirs: std::collections::BTreeMap<_, _> = flat(&v).into_iter().collect();
-        for (k, mine) in flat(&first) {
-            if theirs.get(&k) != Some(&mine) {
-                let t = theirs.get(&k).cloned().unwrap_or(serde_json::Value::Null);
+        let theirs = parse(s);
+        for (k, mine) in &first {
+            let t = theirs.get(k).unwrap_or(&serde_json::Value::Null);
+            if t != mine {
                 diffs.push(format!("{k}: {mine} on rank 0, {t} on rank {r}"));
             }
         }

@@ -478,14 +478,17 @@ fn run(args: Args) -> anyhow::Result<()> {
         Err(e) => Err(format!("{e:#}")),
     };
     let prepares = launch.as_ref().is_none_or(|l| l.local_rank == 0);
-    let mut data = prepares.then(|| find_data(&args));
-    if let Some(g) = &group {
-        g.exchange("prepared", data.as_ref().map_or(Ok(String::new()), outcome))?;
-        let found = data.take().unwrap_or_else(|| find_data(&args));
-        g.exchange("data", outcome(&found))?;
-        data = Some(found);
-    }
-    let (train_path, test_path) = data.unwrap_or_else(|| find_data(&args))?;
+    let prepared = prepares.then(|| find_data(&args));
+    let found = match &group {
+        None => prepared.expect("one process prepares its own data"),
+        Some(g) => {
+            g.exchange("prepared", prepared.as_ref().map_or(Ok(String::new()), outcome))?;
+            let found = prepared.unwrap_or_else(|| find_data(&args));
+            g.exchange("data", outcome(&found))?;
+            found
+        }
+    };
+    let (train_path, test_path) = found?;
     (cfg.train, cfg.test) = (train_path, Some(test_path));
     cfg.group = group.clone();
     let ranks = match &group {

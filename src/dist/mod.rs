@@ -230,7 +230,7 @@ impl ProcessGroup {
     /// Waits up to `timeout` for all ranks; `timeout` then bounds each collective.
     pub fn join(launch: &Launch, device: Device, timeout: Duration) -> Result<ProcessGroup> {
         let device = launch.device(device);
-        let backend = if device.is_cuda() { "nccl" } else { "gloo" };
+        let backend = backend_for(device);
         let (addr, port) = (&launch.master_addr, launch.master_port);
         let serve = launch.rank == 0 && !launch.agent_store;
         let store = Store::connect(addr, port, launch.world, serve, timeout).map_err(|e| {
@@ -278,7 +278,7 @@ impl ProcessGroup {
 
     /// "gloo" or "nccl".
     pub fn backend(&self) -> &'static str {
-        if self.device.is_cuda() { "nccl" } else { "gloo" }
+        backend_for(self.device)
     }
 
     /// Sums `tensor` over all ranks, in place.
@@ -442,6 +442,11 @@ fn look_for_fault(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// c10d's backend for tensors on `device`: NCCL for CUDA, Gloo for the CPU.
+fn backend_for(device: Device) -> &'static str {
+    if device.is_cuda() { "nccl" } else { "gloo" }
 }
 
 /// `vs`'s variables in name order, the order every rank agrees on.

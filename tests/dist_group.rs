@@ -166,3 +166,20 @@ print(t.tolist(), b.tolist())
     assert_eq!(Vec::<f32>::try_from(&t).unwrap(), [11.0, 22.0, 33.0]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[11.0, 22.0, 33.0] [7.0, 8.0]");
 }
+
+#[test]
+fn the_same_exchange_made_again_reads_the_new_values_not_the_last_ones() {
+    let got = on_ranks(2, |g| {
+        let first = g.exchange("settings", Ok(format!("a{}", g.rank()))).unwrap();
+        // Rank 1 comes to the second exchange late: rank 0 must wait for its new value.
+        if g.rank() == 1 {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let second = g.exchange("settings", Ok(format!("b{}", g.rank()))).unwrap();
+        (first, second)
+    });
+    for (first, second) in got {
+        assert_eq!(first, ["a0", "a1"]);
+        assert_eq!(second, ["b0", "b1"]);
+    }
+}

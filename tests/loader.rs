@@ -93,6 +93,19 @@ fn start_at_reproduces_the_rest_of_the_epoch() {
     assert_eq!(collect(resumed.iter()), collect(build().build().unwrap().epoch(4)));
 }
 
+#[test]
+fn start_at_skips_only_in_its_own_epoch_asked_for_first() {
+    let data = dataset("loader_resume_other");
+    let build = || Loader::builder(data.clone()).batch_size(9).seed(5);
+    let whole = |e: u64| collect(build().build().unwrap().epoch(e));
+    // Another epoch asked for first: it is whole, and so is every epoch after it, the
+    // start_at epoch's successor included (the skip is not left armed for a later epoch).
+    let mut l = build().start_at(3, 4).build().unwrap();
+    assert_eq!(collect(l.epoch(1)), whole(1));
+    assert_eq!(collect(l.epoch(2)), whole(2));
+    assert_eq!(collect(l.iter()), whole(3));
+}
+
 /// A source that fails (or panics) on one sample.
 struct Faulty {
     bad: usize,

@@ -439,3 +439,34 @@ fn a_training_file_truncated_under_a_run_is_a_clear_error_not_a_bus_error() {
         "{err}"
     );
 }
+
+#[test]
+fn a_test_split_with_fewer_classes_than_the_model_is_evaluated() {
+    let dir = scratch("robust_fewer_test_classes");
+    let (train, test) = (dir.join("x-train.safetensors"), dir.join("x-test.safetensors"));
+    // No class names: the training split's labels make 10 classes, the test split's 5.
+    tensor_file(&train, &(0..20).map(|i| i % 10).collect::<Vec<_>>(), None);
+    tensor_file(&test, &(0..10).map(|i| i % 5).collect::<Vec<_>>(), None);
+    let metrics = dir.join("m.jsonl");
+    let mut beyond = 0;
+    for seed in 0..8 {
+        let seed = seed.to_string();
+        let args = ["--data", ".", "--dataset", "x", "--epochs", "1", "--seed", &seed];
+        let o = train_in(&dir, &[&args[..], &["--metrics", metrics.to_str().unwrap()]].concat());
+        assert!(o.status.success(), "seed {seed}: {}", text(&o));
+        let text = std::fs::read_to_string(&metrics).unwrap();
+        let epoch: serde_json::Value = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .find(|l: &serde_json::Value| l["type"] == "epoch")
+            .unwrap();
+        // The confusion matrix spans the model's 10 classes; its rows sum to the test split.
+        let confusion: Vec<Vec<u64>> = serde_json::from_value(epoch["confusion"].clone()).unwrap();
+        assert_eq!(confusion.len(), 10, "{epoch}");
+        assert_eq!(confusion.iter().flatten().sum::<u64>(), 10, "{epoch}");
+        // Predictions of a class the test split lacks count as wrong (and were once an index
+        // out of bounds).
+        beyond += confusion.iter().map(|row| row[5..].iter().sum::<u64>()).sum::<u64>();
+    }
+    assert!(beyond > 0, "every seed predicted only the test split's classes: the case was not exercised");
+}

@@ -85,11 +85,30 @@ fn an_interrupted_run_resumed_ends_with_the_same_weights() {
         text(&o)
     };
     with(&whole, &[]);
-    let stopped = with(&split, &["--max-steps", "17"]); // mid-way through epoch 2 (12 steps an epoch)
+    let metrics = dir.join("split.jsonl");
+    let m = metrics.to_str().unwrap();
+    let stopped = with(&split, &["--max-steps", "17", "--metrics", m]); // mid-way through epoch 2 (12 steps an epoch)
     assert!(stopped.contains("stopped at epoch 2, step 5"), "{stopped}");
     assert_ne!(checkpoint_weights(&whole), checkpoint_weights(&split));
-    with(&split, &["--resume"]);
+    with(&split, &["--resume", "--metrics", m]);
     assert_eq!(checkpoint_weights(&whole), checkpoint_weights(&split));
+    // The resumed run's metrics continue the interrupted run's lines, which are kept.
+    let summaries: Vec<_> = json_lines(&metrics).into_iter().filter(|l| l["type"] == "summary").collect();
+    assert_eq!(summaries.len(), 2, "{summaries:?}");
+    assert_eq!(
+        (summaries[0]["stopped_early"].as_bool(), summaries[0]["steps"].as_u64()),
+        (Some(true), Some(17))
+    );
+    assert_eq!(
+        (summaries[1]["stopped_early"].as_bool(), summaries[1]["steps"].as_u64()),
+        (Some(false), Some(7))
+    );
+    // No step at all still leaves the checkpoint it announces, and resuming it is the whole run.
+    let zero = dir.join("zero");
+    let none = with(&zero, &["--max-steps", "0"]);
+    assert!(none.contains(&format!("checkpoint in {}", zero.display())), "{none}");
+    with(&zero, &["--resume"]);
+    assert_eq!(checkpoint_weights(&whole), checkpoint_weights(&zero));
     // Stopped exactly at an epoch's end, then resumed: the same too.
     let edge = dir.join("edge");
     let stopped = with(&edge, &["--max-steps", "12"]);

@@ -52,27 +52,21 @@ pub fn local(
     interrupted: &AtomicBool,
 ) -> Result<Vec<RankExit>> {
     let port = free_port()?;
-    let mut children: Vec<(usize, Child)> = Vec::with_capacity(n);
+    // Whatever ends this function early (a rank that cannot start, a failed wait), the ranks
+    // still running are stopped with it: none outlives the launcher's error.
+    let mut children = Running(Vec::with_capacity(n));
     for rank in 0..n {
-        let child = rank_command(exe, rank, n, port).args(args).spawn();
-        match child {
-            Ok(c) => children.push((rank, c)),
-            Err(e) => {
-                for (_, c) in &mut children {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                }
-                return Err(Error::io(exe, e));
-            }
-        }
+        let child = rank_command(exe, rank, n, port).args(args).spawn().map_err(|e| Error::io(exe, e))?;
+        children.0.push((rank, child));
     }
+    let children = &mut children.0;
     let mut exits = Vec::with_capacity(n);
     let mut passed_on = false;
     let mut failed_at: Option<Instant> = None;
     while !children.is_empty() {
         if interrupted.load(Ordering::SeqCst) && !passed_on {
             passed_on = true;
-            for (_, c) in &children {
+            for (_, c) in children.iter() {
                 // SAFETY: `kill` with a pid of our own child that has not been waited for (so
                 // not reused) and a valid signal number has no memory effects.
                 unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGINT) };
@@ -105,6 +99,18 @@ pub fn local(
     }
     exits.sort_by_key(|e| e.rank);
     Ok(exits)
+}
+
+/// The ranks not yet waited for; killed and reaped when dropped.
+struct Running(Vec<(usize, Child)>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 /// `exe` as local rank `rank` of `world` on this machine, its rendezvous at

@@ -203,6 +203,9 @@ pub struct ProcessGroup {
     timeout: Duration,
     store: Arc<Store>,
     group: Group,
+    /// Exchanges made so far: each has keys of its own (every rank makes them in the same
+    /// order), so a second run on this group never reads an earlier run's values.
+    exchanges: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for ProcessGroup {
@@ -248,7 +251,14 @@ impl ProcessGroup {
                 timeout.as_secs()
             ))
         })?;
-        Ok(ProcessGroup { launch: launch.clone(), device, timeout, store: Arc::new(store), group })
+        Ok(ProcessGroup {
+            launch: launch.clone(),
+            device,
+            timeout,
+            store: Arc::new(store),
+            group,
+            exchanges: Default::default(),
+        })
     }
 
     /// This process's rank.
@@ -335,20 +345,26 @@ impl ProcessGroup {
     /// Every rank's `mine` for step `what` of the start (one key each in the store), in rank
     /// order. An `Err` anywhere ends every rank with it, so that a rank that cannot start (bad
     /// data, a refused resume) stops the others at once, naming itself.
+    ///
+    /// Every rank makes the same exchanges in the same order; each one has keys of its own
+    /// (numbered), so the same `what` exchanged again — a second run on this group — waits for
+    /// the new values rather than reading the last ones.
     pub fn exchange(&self, what: &str, mine: std::result::Result<String, String>) -> Result<Vec<String>> {
+        let n = self.exchanges.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let step = format!("{what}#{n}");
         let payload = match &mine {
             Ok(v) => format!("ok:{v}"),
             Err(e) => format!("error:{e}"),
         };
         self.store
-            .set(&self.key(&format!("{what}/{}", self.rank())), payload.as_bytes())
+            .set(&self.key(&format!("{step}/{}", self.rank())), payload.as_bytes())
             .map_err(|e| Error::Distributed(format!("cannot write to the rendezvous store: {e}")))?;
         if let Err(e) = mine {
             return Err(Error::Distributed(e));
         }
         let mut all = Vec::with_capacity(self.world());
         for r in 0..self.world() {
-            let v = self.store.get(&self.key(&format!("{what}/{r}")), self.timeout).map_err(|e| {
+            let v = self.store.get(&self.key(&format!("{step}/{r}")), self.timeout).map_err(|e| {
                 Error::Distributed(format!(
                     "rank {r} did not reach the start ({what}) within {} s: {e}",
                     self.timeout.as_secs()

@@ -241,7 +241,7 @@ impl LoaderBuilder {
             synced: Default::default(),
             workers,
             next_epoch: self.start.0,
-            skip: self.start.1,
+            skip: Some(self.start),
         };
         // CUDA: the pinned pool a steady epoch needs, allocated now rather than inside the
         // first steps (pinning costs milliseconds a buffer): `prefetch` on their way, one being
@@ -315,8 +315,9 @@ pub struct Loader {
     synced: std::time::Duration,
     workers: Vec<JoinHandle<()>>,
     next_epoch: u64,
-    /// Batches to skip at the start of `next_epoch` (set by `start_at`).
-    skip: usize,
+    /// `start_at`'s epoch and the batches to skip at its start, until the first epoch is
+    /// asked for: whichever epoch that is disarms it, so no later epoch loses batches.
+    skip: Option<(u64, usize)>,
 }
 
 impl Loader {
@@ -382,10 +383,13 @@ impl Loader {
         self.epoch(e)
     }
 
-    /// Epoch `epoch`'s batches, in order. If `start_at` named this epoch, its first batches
-    /// are skipped.
+    /// Epoch `epoch`'s batches, in order. If this is the first epoch asked for and `start_at`
+    /// named it, its first batches are skipped; every other epoch is whole.
     pub fn epoch(&mut self, epoch: u64) -> Epoch<'_> {
-        let skip = if epoch == self.next_epoch { std::mem::take(&mut self.skip) } else { 0 };
+        let skip = match self.skip.take() {
+            Some((start, skip)) if start == epoch => skip,
+            _ => 0,
+        };
         self.next_epoch = epoch + 1;
         let batches = self.sampler.batches(epoch);
         Epoch {

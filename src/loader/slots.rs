@@ -5,8 +5,10 @@ use tch::{Device, Kind, Tensor};
 
 /// One batch's host memory: `images [capacity, C, H, W]` f32 and `labels [capacity]` i64.
 pub(crate) struct Slot {
-    pub images: Tensor,
-    pub labels: Tensor,
+    // Private: every tensor sharing this memory is made by `views`, so the contract of
+    // `images_mut` is all that stands between a view and a write.
+    images: Tensor,
+    labels: Tensor,
     /// Samples filled (the last batch of an epoch may be short).
     pub len: usize,
     /// The dataset indices of the filled samples.
@@ -38,20 +40,26 @@ impl Slot {
     }
 
     /// The image memory as one flat slice, for the worker that owns this slot.
-    pub fn images_mut(&mut self) -> &mut [f32] {
+    ///
+    /// # Safety
+    /// While the slice lives, no other tensor may read or write this slot's memory: no tensor
+    /// made by [`Slot::views`] may still exist (the loader fills a CPU slot once, before its
+    /// views are made, and never again), and no device copy from a pinned slot may still be in
+    /// flight (the loader reuses one only once its copy is known to be complete).
+    pub unsafe fn images_mut(&mut self) -> &mut [f32] {
         // SAFETY: `images` is a contiguous f32 CPU tensor of `capacity * sample` elements that
         // this slot owns and keeps alive; the slot is `&mut`, so exactly one thread writes it,
-        // and no other tensor shares its memory while it is being filled: a CPU slot is filled
-        // once, before any view of it is made (its views go to one `Batch`, and the slot is
-        // never filled again), and a pinned slot's only reader is its device copy, which is
-        // known complete before the slot is reused.
+        // and the caller guarantees that no other tensor shares its memory meanwhile.
         unsafe {
             std::slice::from_raw_parts_mut(self.images.data_ptr() as *mut f32, self.capacity * self.sample)
         }
     }
 
     /// The label memory.
-    pub fn labels_mut(&mut self) -> &mut [i64] {
+    ///
+    /// # Safety
+    /// As for [`Slot::images_mut`].
+    pub unsafe fn labels_mut(&mut self) -> &mut [i64] {
         // SAFETY: as for `images_mut`: a contiguous i64 tensor of `capacity` elements owned here.
         unsafe { std::slice::from_raw_parts_mut(self.labels.data_ptr() as *mut i64, self.capacity) }
     }

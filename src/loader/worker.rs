@@ -74,7 +74,10 @@ impl Recipe {
         let size: usize = self.shape.iter().product();
         scratch.resize(size, 0.0);
         let mut labels = Vec::with_capacity(indices.len());
-        let images = slot.images_mut();
+        // SAFETY: a slot reaches a worker only fresh (CPU: no view of it exists yet) or from
+        // the pool (CUDA: its device copy is known complete, and its batch's tensors were
+        // device copies), so nothing else reads or writes its memory while it is filled.
+        let images = unsafe { slot.images_mut() };
         for (k, &i) in indices.iter().enumerate() {
             current.set(Some(i));
             let out = &mut images[k * size..(k + 1) * size];
@@ -85,7 +88,9 @@ impl Recipe {
                 self.augment.apply(self.seed, epoch, i, self.shape, scratch, out);
             }
         }
-        slot.labels_mut()[..labels.len()].copy_from_slice(&labels);
+        // SAFETY: as for the images above.
+        let out = unsafe { slot.labels_mut() };
+        out[..labels.len()].copy_from_slice(&labels);
         slot.len = indices.len();
         Ok(())
     }

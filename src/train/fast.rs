@@ -76,7 +76,13 @@ pub fn lr_factor(step: usize, total: usize) -> f64 {
 
 /// A 3×3 "same" convolution without bias, its first `c_in` filters starting as identities.
 fn conv(vs: &nn::Path, c_in: i64, c_out: i64) -> nn::Conv2D {
-    let c = nn::conv2d(vs, c_in, c_out, 3, nn::ConvConfig { padding: 1, bias: false, ..Default::default() });
+    let c = super::model::conv2d(
+        vs,
+        c_in,
+        c_out,
+        3,
+        nn::ConvConfig { padding: 1, bias: false, ..Default::default() },
+    );
     tch::no_grad(|| {
         let n = c_in.min(c_out);
         let mut first = c.ws.narrow(0, 0, n);
@@ -118,8 +124,7 @@ pub fn net(vs: &nn::Path, classes: i64) -> impl ModuleT + use<> {
         .enumerate()
         .map(|(i, (&c_in, c_out))| group(&(vs / format!("group{}", i + 1)), c_in, c_out))
         .collect();
-    let head =
-        nn::linear(vs / "head", WIDTHS[2], classes, nn::LinearConfig { bias: false, ..Default::default() });
+    let head = super::model::linear(vs / "head", WIDTHS[2], classes, false);
     nn::func_t(move |x, train| {
         let mut x = x.conv2d(&whiten_w, Some(&whiten_b), [1], [0], [1], 1).gelu("none");
         for g in &groups {

@@ -74,10 +74,15 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Creates (truncates) `path`, or writes nowhere for `None`.
-    pub fn create(path: Option<&Path>) -> Result<Self> {
+    /// Creates (truncates) `path`, or with `append` (a resumed run, continuing the lines of
+    /// the run it resumes) adds to it; writes nowhere for `None`.
+    pub fn create(path: Option<&Path>, append: bool) -> Result<Self> {
         let out = match path {
-            Some(p) => Some((p.to_path_buf(), std::fs::File::create(p).at(p)?)),
+            Some(p) => {
+                let mut f = std::fs::OpenOptions::new();
+                f.create(true).write(true).append(append).truncate(!append);
+                Some((p.to_path_buf(), f.open(p).at(p)?))
+            }
             None => None,
         };
         Ok(Metrics { out })

@@ -401,7 +401,7 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
         let total = max_steps.unwrap_or(cfg.epochs as usize * per_epoch);
         fast::Schedule::new(&vs, &mut opt, cfg.batch_size.min(train.len()), (cfg.lr, cfg.weight_decay), total)
     });
-    let mut record = Record::new(cfg.metrics.as_deref().filter(|_| main), per_epoch)?;
+    let mut record = Record::new(cfg.metrics.as_deref().filter(|_| main), cfg.resume, per_epoch)?;
     let remaining = (cfg.epochs.saturating_sub(pos.epoch) as usize * per_epoch).saturating_sub(pos.step);
     progress.run(max_steps.map_or(remaining, |m| remaining.min(m.saturating_sub(pos.global_step))));
     // Test-time augmentation (and one evaluation, at the end) for the fast recipe.
@@ -502,6 +502,7 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
                     let e = evaluate_in(
                         group,
                         &*net,
+                        n_classes as usize,
                         test,
                         cfg.batch_size.max(500),
                         cfg.workers,
@@ -532,7 +533,16 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
             save(dir, &vs, &opt, &settings, pos)?;
         }
         if let Some(test) = test.as_ref().filter(|_| cfg.eval && !fast) {
-            match evaluate_in(group, &*net, test, cfg.batch_size.max(500), cfg.workers, cfg.device, tta) {
+            match evaluate_in(
+                group,
+                &*net,
+                n_classes as usize,
+                test,
+                cfg.batch_size.max(500),
+                cfg.workers,
+                cfg.device,
+                tta,
+            ) {
                 Ok(e) => record.evaluation(progress, epoch, e, &times)?,
                 // Ctrl-C during the evaluation: the epoch is checkpointed, the run ends now.
                 Err(Error::Interrupted) => {
@@ -545,9 +555,22 @@ pub fn run(cfg: &TrainConfig, progress: &mut dyn Progress) -> Result<Summary> {
     }
     if no_steps {
         record.stopped_early = true;
+        // The run is where it was given (its start, or a resumed run already past the limit),
+        // and a checkpoint says so, as any early stop's does.
+        if let Some(dir) = cfg.checkpoint.as_ref().filter(|_| main) {
+            save(dir, &vs, &opt, &settings, pos)?;
+        }
         if let Some(test) = test.as_ref().filter(|_| cfg.eval) {
-            record.eval =
-                Some(evaluate_in(group, &*net, test, cfg.batch_size.max(500), cfg.workers, cfg.device, tta)?);
+            record.eval = Some(evaluate_in(
+                group,
+                &*net,
+                n_classes as usize,
+                test,
+                cfg.batch_size.max(500),
+                cfg.workers,
+                cfg.device,
+                tta,
+            )?);
         }
     }
     if let Some(dir) = cfg.plot.as_ref().filter(|_| main) {
@@ -929,12 +952,12 @@ struct Record {
 const CHART_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Record {
-    fn new(metrics: Option<&std::path::Path>, per_epoch: usize) -> Result<Self> {
+    fn new(metrics: Option<&std::path::Path>, append: bool, per_epoch: usize) -> Result<Self> {
         Ok(Record {
             not_drawn: Vec::new(),
             per_epoch,
             charted: Default::default(),
-            metrics: Metrics::create(metrics)?,
+            metrics: Metrics::create(metrics, append)?,
             history: Default::default(),
             times: Default::default(),
             first_step: Default::default(),
@@ -1111,16 +1134,18 @@ fn load_weights(vs: &nn::VarStore, weights: Vec<(String, Tensor)>) -> std::resul
     })
 }
 
-/// Accuracy on `test`, overall and per class, and the confusion matrix. Ends with
-/// [`Error::Interrupted`] as soon as [`INTERRUPTED`] is set.
+/// Accuracy on `test` of `net`, which scores `classes` classes, overall and per class, and
+/// the confusion matrix (`classes` square, or the test split's class count if larger). Ends
+/// with [`Error::Interrupted`] as soon as [`INTERRUPTED`] is set.
 pub fn evaluate(
     net: &dyn nn::ModuleT,
+    classes: usize,
     test: &Arc<Dataset>,
     batch_size: usize,
     workers: usize,
     device: Device,
 ) -> Result<Evaluation> {
-    evaluate_in(None, net, test, batch_size, workers, device, 0)
+    evaluate_in(None, net, classes, test, batch_size, workers, device, 0)
 }
 
 /// [`evaluate`] with test-time augmentation level `tta` ([`fast::tta_logits`]), shared by
@@ -1128,9 +1153,11 @@ pub fn evaluate(
 /// the test split and one all-reduce sums the confusion matrices, so every rank has the whole
 /// split's result (the same as one process's) in a world-th of the time. With a group the
 /// evaluation is not cut short by an interrupt, which the ranks agree on at the next step.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate_in(
     group: Option<&ProcessGroup>,
     net: &dyn nn::ModuleT,
+    classes: usize,
     test: &Arc<Dataset>,
     batch_size: usize,
     workers: usize,
@@ -1138,7 +1165,9 @@ pub fn evaluate_in(
     tta: u8,
 ) -> Result<Evaluation> {
     let (rank, world) = group.map_or((0, 1), |g| (g.rank(), g.world()));
-    let classes = test.classes().len().max(1 + *test.file().labels().iter().max().unwrap_or(&0) as usize);
+    // Predictions range over the model's classes, which a test split may not all hold.
+    let classes =
+        classes.max(test.classes().len()).max(1 + *test.file().labels().iter().max().unwrap_or(&0) as usize);
     let mut confusion = vec![vec![0u64; classes]; classes];
     // The split opened once by `run`, not re-opened and re-validated every epoch.
     let mut loader = Loader::builder_arc(test.clone())

@@ -1,4 +1,6 @@
 //! The models: the tutorial's LeNet-style net, and a small residual net as the stronger option.
+use std::borrow::Borrow;
+
 use tch::nn::{self, ModuleT};
 use tch::{Device, Tensor};
 
@@ -34,13 +36,56 @@ pub fn build(kind: ModelKind, vs: &nn::Path, classes: i64) -> Box<dyn ModuleT> {
     }
 }
 
-/// The tutorial's net, layer for layer (PyTorch's default initialisation included).
+/// The bound `1/√fan_in` of PyTorch's default initialisation of `Conv2d` and `Linear`: their
+/// `reset_parameters` draw the weight with `kaiming_uniform_(a=√5)` (gain `√(2/(1+5))`, so
+/// the bound `gain·√3/√fan_in` is `1/√fan_in`) and the bias from the same interval. tch's own
+/// defaults differ (Kaiming with the ReLU gain, `√6/√fan_in`, and zero conv biases), which
+/// trains the tutorial's net to a different accuracy.
+pub fn pytorch_bound(fan_in: i64) -> f64 {
+    1.0 / (fan_in as f64).sqrt()
+}
+
+fn pytorch_uniform(fan_in: i64) -> nn::Init {
+    let b = pytorch_bound(fan_in);
+    nn::Init::Uniform { lo: -b, up: b }
+}
+
+/// `nn.Conv2d(c_in, c_out, k, stride, padding, bias)` as PyTorch initialises it.
+pub fn conv2d<'a>(
+    vs: impl Borrow<nn::Path<'a>>,
+    c_in: i64,
+    c_out: i64,
+    k: i64,
+    cfg: nn::ConvConfig,
+) -> nn::Conv2D {
+    let init = pytorch_uniform(c_in / cfg.groups * k * k);
+    nn::conv2d(vs, c_in, c_out, k, nn::ConvConfig { ws_init: init, bs_init: init, ..cfg })
+}
+
+/// `nn.Linear(c_in, c_out, bias)` as PyTorch initialises it.
+pub fn linear<'a>(vs: impl Borrow<nn::Path<'a>>, c_in: i64, c_out: i64, bias: bool) -> nn::Linear {
+    let init = pytorch_uniform(c_in);
+    nn::linear(vs, c_in, c_out, nn::LinearConfig { ws_init: init, bs_init: bias.then_some(init), bias })
+}
+
+/// `nn.BatchNorm2d(c)` as PyTorch initialises it: weight 1, bias 0 (tch draws the weight from
+/// U(0, 1)), running mean 0 and variance 1.
+pub fn batch_norm2d<'a>(vs: impl Borrow<nn::Path<'a>>, c: i64) -> nn::BatchNorm {
+    let cfg = nn::BatchNormConfig {
+        ws_init: nn::Init::Const(1.0),
+        bs_init: nn::Init::Const(0.0),
+        ..Default::default()
+    };
+    nn::batch_norm2d(vs, c, cfg)
+}
+
+/// The tutorial's net, layer for layer, initialised as PyTorch initialises its layers.
 pub fn lenet(vs: &nn::Path, classes: i64) -> impl ModuleT + use<> {
-    let conv1 = nn::conv2d(vs / "conv1", 3, 6, 5, Default::default());
-    let conv2 = nn::conv2d(vs / "conv2", 6, 16, 5, Default::default());
-    let fc1 = nn::linear(vs / "fc1", 16 * 5 * 5, 120, Default::default());
-    let fc2 = nn::linear(vs / "fc2", 120, 84, Default::default());
-    let fc3 = nn::linear(vs / "fc3", 84, classes, Default::default());
+    let conv1 = conv2d(vs / "conv1", 3, 6, 5, Default::default());
+    let conv2 = conv2d(vs / "conv2", 6, 16, 5, Default::default());
+    let fc1 = linear(vs / "fc1", 16 * 5 * 5, 120, true);
+    let fc2 = linear(vs / "fc2", 120, 84, true);
+    let fc3 = linear(vs / "fc3", 84, classes, true);
     nn::func(move |x: &Tensor| {
         let x = if x.device() == Device::Cpu { channels_last(x) } else { x.shallow_clone() };
         x.apply(&conv1)
@@ -72,11 +117,7 @@ fn channels_last(x: &Tensor) -> Tensor {
 
 fn conv_bn(vs: &nn::Path, c_in: i64, c_out: i64, stride: i64) -> nn::SequentialT {
     let conv = nn::ConvConfig { stride, padding: 1, bias: false, ..Default::default() };
-    nn::seq_t().add(nn::conv2d(vs / "conv", c_in, c_out, 3, conv)).add(nn::batch_norm2d(
-        vs / "bn",
-        c_out,
-        Default::default(),
-    ))
+    nn::seq_t().add(conv2d(vs / "conv", c_in, c_out, 3, conv)).add(batch_norm2d(vs / "bn", c_out))
 }
 
 fn block(vs: &nn::Path, c_in: i64, c_out: i64, stride: i64) -> impl ModuleT + use<> {
@@ -84,11 +125,9 @@ fn block(vs: &nn::Path, c_in: i64, c_out: i64, stride: i64) -> impl ModuleT + us
     let b = conv_bn(&(vs / "b"), c_out, c_out, 1);
     let shortcut = (stride != 1 || c_in != c_out).then(|| {
         let conv = nn::ConvConfig { stride, bias: false, ..Default::default() };
-        nn::seq_t().add(nn::conv2d(vs / "short" / "conv", c_in, c_out, 1, conv)).add(nn::batch_norm2d(
-            vs / "short" / "bn",
-            c_out,
-            Default::default(),
-        ))
+        nn::seq_t()
+            .add(conv2d(vs / "short" / "conv", c_in, c_out, 1, conv))
+            .add(batch_norm2d(vs / "short" / "bn", c_out))
     });
     nn::func_t(move |x, train| {
         let y = x.apply_t(&a, train).relu().apply_t(&b, train);
@@ -115,7 +154,7 @@ pub fn resnet(vs: &nn::Path, classes: i64) -> impl ModuleT + use<> {
         ));
         c_in = c;
     }
-    let fc = nn::linear(vs / "fc", 128, classes, Default::default());
+    let fc = linear(vs / "fc", 128, classes, true);
     nn::func_t(move |x, train| {
         x.apply_t(&stem, train)
             .relu()
@@ -168,5 +207,58 @@ mod tests {
             let diff = (a - b).abs().max().double_value(&[]);
             assert!(a.allclose(b, 1e-4, 1e-6, false), "{name}: gradients differ by {diff}");
         }
+    }
+
+    /// Every layer as PyTorch's `reset_parameters` leaves it: conv and linear weights and
+    /// biases from U(±1/√fan_in) (so a standard deviation of bound/√3, and biases not zero),
+    /// batch norms with weight 1, bias 0, running mean 0 and variance 1.
+    #[test]
+    fn layers_start_as_pytorchs_modules_initialise_themselves() {
+        let fans: [(&str, i64); 5] =
+            [("conv1", 3 * 25), ("conv2", 6 * 25), ("fc1", 400), ("fc2", 120), ("fc3", 84)];
+        tch::manual_seed(11);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _net = lenet(&vs.root(), 10);
+        let v = vs.variables();
+        for (layer, fan_in) in fans {
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            for part in ["weight", "bias"] {
+                let t = &v[&format!("{layer}.{part}")];
+                let max = t.abs().max().double_value(&[]);
+                assert!(max <= bound, "{layer}.{part}: |value| up to {max}, bound {bound}");
+                assert!(max > 0.5 * bound, "{layer}.{part}: all within {max} of 0 (bound {bound})");
+                if part == "weight" {
+                    let std = t.std(true).double_value(&[]);
+                    let want = bound / 3f64.sqrt();
+                    assert!((std / want - 1.0).abs() < 0.1, "{layer}.weight: std {std}, PyTorch's {want}");
+                }
+            }
+        }
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _net = resnet(&vs.root(), 10);
+        let v = vs.variables();
+        let mut checked = 0;
+        for (name, t) in &v {
+            let (min, max) = (t.min().double_value(&[]), t.max().double_value(&[]));
+            if name.contains(".bn.") {
+                let want = match name.rsplit('.').next().unwrap() {
+                    "weight" | "running_var" => 1.0,
+                    _ => 0.0,
+                };
+                assert!(min == want && max == want, "{name}: from {min} to {max}, PyTorch's {want}");
+            } else if name.ends_with("conv.weight") {
+                let [_, c_in, k, _] = t.size()[..] else { panic!("{name}: {:?}", t.size()) };
+                let bound = 1.0 / ((c_in * k * k) as f64).sqrt();
+                let std = t.std(true).double_value(&[]);
+                assert!(min >= -bound && max <= bound, "{name}: from {min} to {max}, bound {bound}");
+                assert!((std / (bound / 3f64.sqrt()) - 1.0).abs() < 0.1, "{name}: std {std}");
+            } else {
+                assert!(name.starts_with("fc."), "{name}: not checked");
+                let bound = 1.0 / 128f64.sqrt();
+                assert!(min >= -bound && max <= bound && max > 0.5 * bound, "{name}: {min} to {max}");
+            }
+            checked += 1;
+        }
+        assert!(checked > 40, "only {checked} ResNet tensors");
     }
 }

@@ -3,8 +3,9 @@
 //! Reading a page of a memory map past the end of a file that another program truncated raises
 //! SIGBUS, which by default kills the process with no word of which file or why. The mapped
 //! ranges of open [`super::TensorFile`]s are registered here; a SIGBUS inside one prints the
-//! file's name and the cause to stderr and exits with status 1. A SIGBUS anywhere else gets the
-//! default action as before.
+//! file's name and the cause to stderr and exits with status 1. A SIGBUS anywhere else goes to
+//! the handler that was installed before this one (the program's own, or a runtime's), or gets
+//! the default action where there was none.
 //!
 //! The handler may only use async-signal-safe calls: it reads atomics, `write`s a message made
 //! when the file was opened, and `_exit`s. Written with `libc`: no crate turns a fault in a
@@ -33,6 +34,11 @@ const EMPTY: Watched = Watched {
 };
 static WATCHED: [Watched; SLOTS] = [EMPTY; SLOTS];
 static INSTALL: Once = Once::new();
+
+/// The SIGBUS action in place before ours, for faults that are not a tensor file's. Written
+/// once, by `install`, before our handler can run; only read after.
+#[cfg(target_os = "linux")]
+static PREVIOUS: std::sync::OnceLock<libc::sigaction> = std::sync::OnceLock::new();
 
 /// Watches `len` mapped bytes at `start`, saying `message` if they fault. Returns the slot to
 /// give to [`unwatch`], or `None` when every slot is taken.
@@ -63,8 +69,15 @@ pub(super) fn unwatch(i: usize) {
 fn install() {
     #[cfg(target_os = "linux")]
     // SAFETY: `sigaction` with a zeroed struct, a handler of the SA_SIGINFO signature and an
-    // empty mask is the documented way to install a handler; nothing else here handles SIGBUS.
+    // empty mask is the documented way to install a handler. The action it replaces is read
+    // first (a null new action only reads) and kept before ours is installed, so the handler
+    // always finds it.
     unsafe {
+        let mut previous: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut previous) != 0 {
+            return;
+        }
+        let _ = PREVIOUS.set(previous);
         let mut action: libc::sigaction = std::mem::zeroed();
         action.sa_sigaction = on_sigbus as *const () as usize;
         action.sa_flags = libc::SA_SIGINFO;
@@ -74,10 +87,12 @@ fn install() {
 }
 
 #[cfg(target_os = "linux")]
-extern "C" fn on_sigbus(signal: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+extern "C" fn on_sigbus(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid `siginfo_t` to an SA_SIGINFO handler; only atomics are
-    // read, the message bytes were leaked (never freed), and `write`, `signal`, `raise` and
-    // `_exit` are async-signal-safe.
+    // read, the message bytes were leaked (never freed), and `write`, `sigaction`, `raise` and
+    // `_exit` are async-signal-safe. The previous action was written before this handler was
+    // installed; calling its handler with the arguments the kernel gave us is what it would
+    // have received had it been the one installed.
     unsafe {
         let addr = (*info).si_addr() as usize;
         for w in &WATCHED {
@@ -88,8 +103,24 @@ extern "C" fn on_sigbus(signal: libc::c_int, info: *mut libc::siginfo_t, _: *mut
                 libc::_exit(1);
             }
         }
-        // Not a tensor file's fault: the default action, as if this handler did not exist.
-        libc::signal(signal, libc::SIG_DFL);
-        libc::raise(signal);
+        // Not a tensor file's fault: what would have happened without this handler.
+        match PREVIOUS.get() {
+            Some(p) if p.sa_sigaction == libc::SIG_IGN => {}
+            Some(p) if p.sa_sigaction != libc::SIG_DFL && p.sa_flags & libc::SA_SIGINFO != 0 => {
+                let chained: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                    std::mem::transmute(p.sa_sigaction);
+                chained(signal, info, context);
+            }
+            Some(p) if p.sa_sigaction != libc::SIG_DFL => {
+                let chained: extern "C" fn(libc::c_int) = std::mem::transmute(p.sa_sigaction);
+                chained(signal);
+            }
+            _ => {
+                let mut default: libc::sigaction = std::mem::zeroed();
+                default.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(signal, &default, std::ptr::null_mut());
+                libc::raise(signal);
+            }
+        }
     }
 }

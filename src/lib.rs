@@ -16,7 +16,8 @@ crate, which needs no libtorch, and are re-exported here):
 * [`sampler`] decides each epoch's order from `(seed, epoch)`; [`augment`] crops and flips.
 * [`loader`]: the [`Loader`]'s worker threads fill reusable (pinned, on CUDA) buffers ahead of
   the consumer and hand them out in order as [`Batch`]es of tch tensors.
-* [`train`] is the tutorial's training loop on top, which the `cifar-train` binary runs.
+* [`train`] is the tutorial's training loop on top, which the `cifar-train` binary runs:
+  [`train::run`] with a [`train::TrainConfig`], stopped early by an [`Interrupt`].
 * [`dist`] trains data-parallel across processes and machines on c10d, PyTorch's distributed
   engine, which [`bridge`] (a small C++ file beside tch) reaches in libtorch.
 
@@ -49,8 +50,10 @@ for epoch in 0..10 {
 pub use cifar_data::{augment, error, files, image_folder, prep, preview, sampler, source, store};
 pub mod bridge;
 pub mod dist;
+pub mod interrupt;
 pub mod loader;
 pub mod train;
 
 pub use cifar_data::{Augment, Dataset, Error, ImageFolder, Padding, Result, SizePolicy, Source, TensorFile};
+pub use interrupt::Interrupt;
 pub use loader::{Batch, Epoch, Loader, LoaderBuilder, default_prefetch};

@@ -2,7 +2,6 @@
 //! it ignores SIGCHLD for the whole process, which would break other tests' waits.
 use std::ffi::OsString;
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use cifar_fast::dist::launch;
@@ -29,7 +28,8 @@ fn a_failed_wait_stops_the_ranks_still_running() {
     );
     let args: Vec<OsString> = ["-c", &script].iter().map(OsString::from).collect();
     let t = Instant::now();
-    let got = launch::local(2, Path::new("/bin/sh"), &args, Duration::from_secs(1), &AtomicBool::new(false));
+    let got =
+        launch::local(2, Path::new("/bin/sh"), &args, Duration::from_secs(1), &cifar_fast::Interrupt::new());
     assert!(got.is_err(), "the wait was expected to fail: {got:?}");
     let pid: i32 = std::fs::read_to_string(dir.join("pid.1")).unwrap().trim().parse().unwrap();
     // Killed with the error (its end may take the kernel a moment).

@@ -30,7 +30,20 @@ fn a_few_steps_lower_the_loss_and_the_metrics_are_as_documented() {
     let metrics = dir.join("m.jsonl");
     let o = train(
         &dir,
-        &["--batch-size", "8", "--epochs", "3", "--log-every", "5", "--metrics", metrics.to_str().unwrap()],
+        // The tutorial's rate moves PyTorch's small initial weights slowly: ten times it shows
+        // the loss falling within these few steps.
+        &[
+            "--batch-size",
+            "8",
+            "--epochs",
+            "6",
+            "--lr",
+            "0.01",
+            "--log-every",
+            "5",
+            "--metrics",
+            metrics.to_str().unwrap(),
+        ],
     );
     assert!(o.status.success(), "{}", text(&o));
     let out = text(&o);
@@ -43,7 +56,7 @@ fn a_few_steps_lower_the_loss_and_the_metrics_are_as_documented() {
     assert!(losses.len() >= 6, "{losses:?}");
     assert!(losses.last().unwrap() < &(losses[0] * 0.7), "the loss did not fall: {losses:?}");
     let epochs: Vec<_> = lines.iter().filter(|l| l["type"] == "epoch").collect();
-    assert_eq!(epochs.len(), 3);
+    assert_eq!(epochs.len(), 6);
     let s = lines.last().unwrap();
     assert_eq!(s["type"], "summary");
     for key in ["images_per_s", "data_wait_share", "epoch_seconds", "steps", "final_loss", "test_accuracy"] {
@@ -51,20 +64,23 @@ fn a_few_steps_lower_the_loss_and_the_metrics_are_as_documented() {
     }
     let share = s["data_wait_share"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&share), "{share}");
-    assert_eq!(s["steps"], 75); // 200 images in batches of 8, three times
+    assert_eq!(s["steps"], 150); // 200 images in batches of 8, six times
     // The rates are images over step time: all of it, and all but the first (warm-up) step's.
     let f = |k: &str| s[k].as_f64().unwrap_or_else(|| panic!("summary lacks {k}: {s}"));
-    let total = 3.0 * f("epoch_seconds");
-    assert!((f("images_per_s") * total / 600.0 - 1.0).abs() < 1e-6, "{s}");
+    let total = 6.0 * f("epoch_seconds");
+    assert!((f("images_per_s") * total / 1200.0 - 1.0).abs() < 1e-6, "{s}");
     assert!(f("first_step_seconds") > 0.0 && f("first_step_seconds") < total, "{s}");
     // The training split was entered into memory before the steps, and timed apart from them.
     assert!(f("populate_seconds") > 0.0, "{s}");
     assert!(out.contains("training data: ") && out.contains("entered into memory in"), "{out}");
-    assert!((f("steady_images_per_s") * (total - f("first_step_seconds")) / 592.0 - 1.0).abs() < 1e-6, "{s}");
+    assert!(
+        (f("steady_images_per_s") * (total - f("first_step_seconds")) / 1192.0 - 1.0).abs() < 1e-6,
+        "{s}"
+    );
     let acc = s["test_accuracy"].as_f64().unwrap();
     assert!(acc > 0.5, "a colour per class should be learnt: {acc}");
     // The confusion matrix of the last epoch sums to the test set and matches the accuracy.
-    let confusion = epochs[2]["confusion"].as_array().unwrap();
+    let confusion = epochs[5]["confusion"].as_array().unwrap();
     let total: u64 = confusion.iter().flat_map(|r| r.as_array().unwrap()).map(|v| v.as_u64().unwrap()).sum();
     let diag: u64 = (0..10).map(|c| confusion[c][c].as_u64().unwrap()).sum();
     assert_eq!(total, 40);

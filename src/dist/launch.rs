@@ -5,10 +5,10 @@
 use std::ffi::OsString;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::interrupt::Interrupt;
 
 /// How one rank ended.
 #[derive(Debug)]
@@ -37,11 +37,36 @@ impl RankExit {
     }
 }
 
+/// `--nproc-per-node N`: this program again as `n` ranks of one job on this machine, with the
+/// arguments it was given less that option, as `torchrun --standalone --nproc-per-node N`
+/// would start them; waits for all of them ([`local`]) and ends with one error naming each
+/// rank that failed (a rank that exited 130 because `interrupt` was passed on to it did not).
+pub fn relaunch_self(n: usize, grace: Duration, interrupt: &Interrupt) -> Result<()> {
+    let exe = std::env::current_exe().map_err(|e| Error::io("/proc/self/exe", e))?;
+    let mut args = Vec::new();
+    let mut given = std::env::args_os().skip(1);
+    while let Some(a) = given.next() {
+        let s = a.to_string_lossy();
+        if s == "--nproc-per-node" || s == "--nproc_per_node" {
+            given.next();
+        } else if !(s.starts_with("--nproc-per-node=") || s.starts_with("--nproc_per_node=")) {
+            args.push(a);
+        }
+    }
+    let exits = local(n, &exe, &args, grace, interrupt)?;
+    let problems: Vec<String> = exits
+        .iter()
+        .filter(|e| !(e.status.code() == Some(130) && interrupt.requested()))
+        .filter_map(RankExit::problem)
+        .collect();
+    if problems.is_empty() { Ok(()) } else { Err(Error::Distributed(problems.join("; "))) }
+}
+
 /// Runs `exe args` as ranks `0..n` of one job on this machine and waits for all of them.
 ///
 /// Each rank gets `RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`
 /// (127.0.0.1) and `MASTER_PORT` (a free port), and the launcher's stdin/stdout/stderr. When
-/// `interrupted` becomes true (the caller's Ctrl-C/SIGTERM handler), each rank is sent SIGINT
+/// `interrupt` is requested (the caller's Ctrl-C/SIGTERM handler), each rank is sent SIGINT
 /// once, so all stop at one step and checkpoint. When a rank fails, the others are given
 /// `grace` to notice and end by themselves (they name the failed rank), then killed.
 pub fn local(
@@ -49,7 +74,7 @@ pub fn local(
     exe: &Path,
     args: &[OsString],
     grace: Duration,
-    interrupted: &AtomicBool,
+    interrupt: &Interrupt,
 ) -> Result<Vec<RankExit>> {
     let port = free_port()?;
     // Whatever ends this function early (a rank that cannot start, a failed wait), the ranks
@@ -64,7 +89,7 @@ pub fn local(
     let mut passed_on = false;
     let mut failed_at: Option<Instant> = None;
     while !children.is_empty() {
-        if interrupted.load(Ordering::SeqCst) && !passed_on {
+        if interrupt.requested() && !passed_on {
             passed_on = true;
             for (_, c) in children.iter() {
                 // SAFETY: `kill` with a pid of our own child that has not been waited for (so

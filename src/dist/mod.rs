@@ -309,7 +309,23 @@ impl ProcessGroup {
     /// Gives every rank rank 0's values of all of `vs`'s variables (one broadcast of them
     /// flat), as DDP does at its start.
     pub fn broadcast_weights(&self, vs: &nn::VarStore) -> Result<()> {
-        let vars = sorted_variables(vs);
+        self.broadcast_variables(vs, |_| true)
+    }
+
+    /// Gives every rank rank 0's buffers: the variables that do not train (batch norms'
+    /// running statistics), which each rank otherwise updates from its own shard. DDP
+    /// broadcasts them before every forward pass (`broadcast_buffers=True`); since nothing in a
+    /// training step reads them, broadcasting them where they are read (an evaluation, a
+    /// checkpoint, an export) gives the same values, rank 0's, at a fraction of the cost.
+    pub fn broadcast_buffers(&self, vs: &nn::VarStore) -> Result<()> {
+        self.broadcast_variables(vs, |t| !t.requires_grad())
+    }
+
+    fn broadcast_variables(&self, vs: &nn::VarStore, keep: impl Fn(&Tensor) -> bool) -> Result<()> {
+        let vars: Vec<Tensor> = sorted_variables(vs).into_iter().filter(|t| keep(t)).collect();
+        if vars.is_empty() {
+            return Ok(());
+        }
         let flat = tch::no_grad(|| {
             Tensor::cat(&vars.iter().map(|t| t.detach().flatten(0, -1)).collect::<Vec<_>>(), 0)
         });
@@ -467,9 +483,7 @@ fn backend_for(device: Device) -> &'static str {
 
 /// `vs`'s variables in name order, the order every rank agrees on.
 fn sorted_variables(vs: &nn::VarStore) -> Vec<Tensor> {
-    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    named.into_iter().map(|(_, t)| t).collect()
+    crate::train::model::variables_by_name(vs).into_iter().map(|(_, t)| t).collect()
 }
 
 /// Calls `write(variable, its slice of flat)` for each variable, in order.

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use tch::Tensor;
 
-use super::TrainConfig;
 use super::checkpoint::Position;
+use super::config::TrainConfig;
+use super::plan::Plan;
 use super::resident::{EpochPlan, Resident};
-use crate::augment::Augment;
 use crate::error::Result;
 use crate::loader::{Epoch, Loader};
 use crate::sampler::Sampler;
@@ -39,22 +39,23 @@ pub struct Fetched {
 }
 
 impl Batches {
-    /// The source `cfg` asks for, positioned at `start`.
-    pub fn new(cfg: &TrainConfig, train: &Arc<Dataset>, augment: Augment, start: Position) -> Result<Self> {
+    /// The source `cfg` asks for, as `plan` augments and batches, for shard `rank` of `world`,
+    /// positioned at `start`.
+    pub fn new(
+        cfg: &TrainConfig,
+        plan: &Plan,
+        (rank, world): (usize, usize),
+        train: &Arc<Dataset>,
+        start: Position,
+    ) -> Result<Self> {
         // A data-parallel rank takes its shard: every world-th sample of the epoch's order, so
         // that the ranks' batches at a step together make one process's batch of world × batch.
-        let (rank, world) = cfg.group.as_ref().map_or((0, 1), |g| (g.rank(), g.world()));
-        // The fast recipe drops each epoch's last, short batch (its rates are per full batch).
-        let drop_last = cfg.recipe == super::Recipe::Fast;
+        let (augment, drop_last) = (plan.augment, plan.drop_last);
         let own =
             Sampler { rank, world, drop_last, ..Sampler::shuffled(train.len(), cfg.batch_size, cfg.seed) };
         if cfg.resident {
             // The order the pipelined loader below would give (its defaults), batched on the device.
-            let sampler = own;
-            return Ok(Batches::Resident(
-                Resident::new(train.clone(), augment, cfg.seed, cfg.device)?,
-                sampler,
-            ));
+            return Ok(Batches::Resident(Resident::new(train.clone(), augment, cfg.seed, cfg.device)?, own));
         }
         let mut builder = Loader::builder_arc(train.clone())
             .batch_size(cfg.batch_size)
@@ -70,14 +71,6 @@ impl Batches {
             builder = builder.prefetch(n);
         }
         Ok(Batches::Pipelined(builder.build()?))
-    }
-
-    /// Batches in an epoch.
-    pub fn per_epoch(&self) -> usize {
-        match self {
-            Batches::Pipelined(loader) => loader.len(),
-            Batches::Resident(_, sampler) => sampler.batches_per_epoch(),
-        }
     }
 
     /// The batches of `epoch` from step `first` on. (The loader was built to start where the

@@ -1,13 +1,16 @@
-//! Checkpoints: weights, momentum, the loader's position and the settings, in one safetensors
-//! file written atomically, so `--resume` continues the same run exactly.
+//! Checkpoints: the weights (batch-norm buffers included), the momentum, the fast recipe's
+//! lookahead average, the position and the settings, in one safetensors file written
+//! atomically, so `--resume` continues the same run exactly: saving, resuming, loading.
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, View};
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor, nn};
 
+use super::fast::Lookahead;
+use super::sgd::Sgd;
 use crate::error::{Error, IoContext, Result};
 
 /// The settings a run must keep to be resumed: anything that changes the weights' trajectory.
@@ -44,6 +47,10 @@ pub struct RunSettings {
     /// The recipe (the tutorial's in checkpoints made before there were others).
     #[serde(default)]
     pub recipe: super::Recipe,
+    /// The fast recipe's schedule: the steps it runs over (its rates and lookahead depend on
+    /// it); absent for the tutorial's.
+    #[serde(default)]
+    pub schedule_steps: Option<usize>,
 }
 
 impl RunSettings {
@@ -59,7 +66,7 @@ impl RunSettings {
         let mut out: Vec<String> = a
             .iter()
             .filter(|(k, v)| !matches!(k.as_str(), "batch_size" | "world") && b.get(*k) != Some(v))
-            .map(|(k, v)| format!("{k}: {v} vs {}", b[k]))
+            .map(|(k, v)| format!("{k}: {v} vs {}", b.get(k).unwrap_or(&serde_json::Value::Null)))
             .collect();
         if self.world * self.batch_size != now.world * now.batch_size {
             out.push(if self.world == 1 && now.world == 1 {
@@ -94,6 +101,23 @@ pub struct Position {
     pub global_step: usize,
 }
 
+impl Position {
+    /// Numbered as the console's `[epoch, step]` lines: the epoch from 1 and the steps trained
+    /// in it; at an epoch's end, that epoch and its `per_epoch` steps.
+    pub fn numbered(&self, per_epoch: usize) -> (u64, usize) {
+        match (self.epoch, self.step) {
+            (0, 0) => (1, 0),
+            (e, 0) => (e, per_epoch),
+            (e, k) => (e + 1, k),
+        }
+    }
+
+    /// The position after one more step.
+    pub fn advanced(self) -> Position {
+        Position { step: self.step + 1, global_step: self.global_step + 1, ..self }
+    }
+}
+
 /// A checkpoint's content.
 pub struct Checkpoint {
     /// Settings of the run.
@@ -104,6 +128,8 @@ pub struct Checkpoint {
     pub weights: Vec<(String, Tensor)>,
     /// Momentum buffers by variable name.
     pub momentum: Vec<(String, Tensor)>,
+    /// The fast recipe's lookahead average by variable name (empty for the tutorial's).
+    pub lookahead: Vec<(String, Tensor)>,
 }
 
 /// The checkpoint file in `dir`.
@@ -149,21 +175,19 @@ impl Checkpoint {
         for (n, t) in &self.momentum {
             tensors.push((format!("momentum/{n}"), to_bytes(t)));
         }
+        for (n, t) in &self.lookahead {
+            tensors.push((format!("lookahead/{n}"), to_bytes(t)));
+        }
         let meta = HashMap::from([
             ("settings".to_string(), serde_json::to_string(&self.settings).unwrap()),
             ("position".to_string(), serde_json::to_string(&self.position).unwrap()),
         ]);
         let path = path_in(dir);
-        let tmp = dir.join(format!(".checkpoint.{}.tmp", std::process::id()));
-        let result =
-            safetensors::serialize_to_file(tensors.iter().map(|(n, b)| (n.as_str(), b)), Some(meta), &tmp)
-                .map_err(|e| Error::format(&tmp, e.to_string()))
-                .and_then(|()| std::fs::File::open(&tmp).and_then(|f| f.sync_all()).at(&tmp))
-                .and_then(|()| std::fs::rename(&tmp, &path).at(&path));
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result.map(|()| path)
+        crate::files::write_atomically(&path, |tmp| {
+            safetensors::serialize_to_file(tensors.iter().map(|(n, b)| (n.as_str(), b)), Some(meta), tmp)
+                .map_err(|e| Error::format(tmp, e.to_string()))
+        })?;
+        Ok(path)
     }
 
     /// Reads `dir/checkpoint.safetensors`.
@@ -180,7 +204,7 @@ impl Checkpoint {
             |k: &str| meta.get(k).ok_or_else(|| bad(format!("no '{k}' in the checkpoint's metadata")));
         let settings = serde_json::from_str(field("settings")?).map_err(|e| bad(format!("settings: {e}")))?;
         let position = serde_json::from_str(field("position")?).map_err(|e| bad(format!("position: {e}")))?;
-        let (mut weights, mut momentum) = (Vec::new(), Vec::new());
+        let (mut weights, mut momentum, mut lookahead) = (Vec::new(), Vec::new(), Vec::new());
         for (name, view) in st.tensors() {
             if view.dtype() != Dtype::F32 {
                 return Err(bad(format!("{name} is {:?}, expected F32", view.dtype())));
@@ -190,9 +214,79 @@ impl Checkpoint {
             match name.split_once('/') {
                 Some(("model", n)) => weights.push((n.to_string(), t)),
                 Some(("momentum", n)) => momentum.push((n.to_string(), t)),
+                Some(("lookahead", n)) => lookahead.push((n.to_string(), t)),
                 _ => return Err(bad(format!("unexpected tensor {name}"))),
             }
         }
-        Ok(Checkpoint { settings, position, weights, momentum })
+        Ok(Checkpoint { settings, position, weights, momentum, lookahead })
     }
+}
+
+/// Writes the run's state at `position` into `dir`.
+pub(crate) fn save(
+    dir: &Path,
+    vs: &nn::VarStore,
+    opt: &Sgd,
+    lookahead: Option<&Lookahead>,
+    settings: &RunSettings,
+    position: Position,
+) -> Result<()> {
+    Checkpoint {
+        settings: settings.clone(),
+        position,
+        weights: super::model::variables_by_name(vs),
+        momentum: opt.state(),
+        lookahead: lookahead.map(Lookahead::state).unwrap_or_default(),
+    }
+    .save(dir)?;
+    Ok(())
+}
+
+/// What a resumed run continues from.
+pub(crate) struct Resumed {
+    /// Where the checkpoint's run stopped.
+    pub position: Position,
+    /// Its lookahead average (empty where it had none), for [`Lookahead::load`].
+    pub lookahead: Vec<(String, Tensor)>,
+}
+
+/// Loads the checkpoint in `dir` into the model and optimizer, after checking it was made with
+/// these settings.
+pub(crate) fn resume(
+    dir: &Path,
+    vs: &nn::VarStore,
+    opt: &mut Sgd,
+    settings: &RunSettings,
+) -> Result<Resumed> {
+    let ck = Checkpoint::load(dir)?;
+    let path = path_in(dir);
+    let diff = ck.settings.differences(settings);
+    if !diff.is_empty() {
+        return Err(Error::format(
+            &path,
+            format!("was made with other settings ({}): cannot resume this run", diff.join("; ")),
+        ));
+    }
+    load_weights(vs, ck.weights).map_err(|m| Error::format(&path, m))?;
+    opt.load_state(ck.momentum).map_err(|m| Error::format(&path, m))?;
+    Ok(Resumed { position: ck.position, lookahead: ck.lookahead })
+}
+
+/// Copies `weights` into `vs`'s variables of the same names and shapes: all of them, or none
+/// usable (an error saying which differs).
+fn load_weights(vs: &nn::VarStore, weights: Vec<(String, Tensor)>) -> std::result::Result<(), String> {
+    let mut vars = vs.variables();
+    if weights.len() != vars.len() {
+        return Err(format!("holds {} model tensors, this model has {}", weights.len(), vars.len()));
+    }
+    tch::no_grad(|| {
+        for (name, t) in weights {
+            let v = vars.get_mut(&name).ok_or_else(|| format!("holds {name}, which this model lacks"))?;
+            if v.size() != t.size() {
+                return Err(format!("{name} has shape {:?}, the model's is {:?}", t.size(), v.size()));
+            }
+            v.copy_(&t.to_kind(v.kind()));
+        }
+        Ok(())
+    })
 }

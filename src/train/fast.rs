@@ -173,21 +173,21 @@ pub fn tta_logits(net: &dyn ModuleT, x: &Tensor, level: u8) -> Tensor {
 
 /// Which of a flat parameter list (in name order) learn at the batch-norm bias rate, and
 /// which is the whitening bias.
-pub struct Groups {
+struct Groups {
     /// `(numel, is_norm_bias, is_whiten_bias)` per variable, in the flat buffer's order.
-    pub spans: Vec<(i64, bool, bool)>,
+    spans: Vec<(i64, bool, bool)>,
 }
 
 impl Groups {
     /// Over `opt`'s variables, in the order of its flat buffer.
-    pub fn of(opt: &Sgd) -> Groups {
+    fn of(opt: &Sgd) -> Groups {
         let spans = opt.layout().map(|(name, n)| (n, name.contains("norm"), name == "whiten.bias")).collect();
         Groups { spans }
     }
 
     /// Per element of the flat buffer: the learning-rate multiplier (64 for batch-norm
     /// biases, 0 for the whitening bias once frozen, else 1).
-    pub fn lr_scale(&self, whiten_bias_trains: bool) -> Vec<f32> {
+    fn lr_scale(&self, whiten_bias_trains: bool) -> Vec<f32> {
         let mut out = Vec::new();
         for &(n, norm, whiten) in &self.spans {
             let s = if whiten && !whiten_bias_trains {
@@ -206,24 +206,56 @@ impl Groups {
 /// Lookahead: an exponential average of all float variables (running statistics included),
 /// which the weights are replaced by at each update.
 pub struct Lookahead {
-    pairs: Vec<(Tensor, Tensor)>,
+    /// `(name, average, variable)` in name order.
+    pairs: Vec<(String, Tensor, Tensor)>,
 }
 
 impl Lookahead {
     /// Starts the average at `vs`'s values.
     pub fn new(vs: &nn::VarStore) -> Lookahead {
-        let pairs = vs.variables().into_values().map(|v| (v.detach().copy(), v)).collect();
+        let pairs = super::model::variables_by_name(vs)
+            .into_iter()
+            .map(|(name, v)| (name, v.detach().copy(), v))
+            .collect();
         Lookahead { pairs }
     }
 
     /// `ema ← decay·ema + (1 − decay)·w; w ← ema`.
     pub fn update(&mut self, decay: f64) {
         tch::no_grad(|| {
-            for (ema, v) in &mut self.pairs {
+            for (_, ema, v) in &mut self.pairs {
                 let _ = ema.lerp_(v, 1.0 - decay);
                 v.copy_(ema);
             }
         });
+    }
+
+    /// The average by variable name (for a checkpoint).
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        self.pairs.iter().map(|(name, ema, _)| (name.clone(), ema.shallow_clone())).collect()
+    }
+
+    /// Restores what [`Lookahead::state`] saved: the average of every variable.
+    pub fn load(&mut self, state: Vec<(String, Tensor)>) -> std::result::Result<(), String> {
+        if state.len() != self.pairs.len() {
+            return Err(format!(
+                "holds a lookahead average of {} tensors, the model has {}",
+                state.len(),
+                self.pairs.len()
+            ));
+        }
+        tch::no_grad(|| {
+            for (name, t) in state {
+                let Some((_, ema, _)) = self.pairs.iter_mut().find(|(n, ..)| *n == name) else {
+                    return Err(format!("holds a lookahead average of {name}, which this model lacks"));
+                };
+                if ema.size() != t.size() {
+                    return Err(format!("its lookahead average of {name} has shape {:?}", t.size()));
+                }
+                ema.copy_(&t.to_device(ema.device()));
+            }
+            Ok(())
+        })
     }
 
     /// The decay at `step` of `total`: `0.95⁵·(step/total)³`.
@@ -234,7 +266,7 @@ impl Lookahead {
 
 /// The recipe's state across a run: the rates, the parameter groups, the schedule's length,
 /// the lookahead average.
-pub struct Schedule {
+pub(crate) struct Schedule {
     lr: f64,
     total: usize,
     groups: Groups,
@@ -268,9 +300,14 @@ impl Schedule {
         Schedule { lr, total, groups, lookahead: Lookahead::new(vs), device }
     }
 
-    /// Steps in the run.
-    pub fn total(&self) -> usize {
-        self.total
+    /// The lookahead average.
+    pub fn lookahead(&self) -> &Lookahead {
+        &self.lookahead
+    }
+
+    /// The lookahead average, to restore a resumed run's.
+    pub fn lookahead_mut(&mut self) -> &mut Lookahead {
+        &mut self.lookahead
     }
 
     /// At the start of `epoch`: the whitening bias trains in the first epochs only.

@@ -97,15 +97,10 @@ impl Metrics {
     }
 
     /// The last line: the run's summary. Where the run stopped is numbered as the console's
-    /// `[epoch, step]` lines: the epoch from 1, and the steps trained in it (at an epoch's end,
-    /// that epoch and its `per_epoch` steps).
-    pub fn summary(&mut self, s: &super::Summary, per_epoch: usize) -> Result<()> {
+    /// `[epoch, step]` lines ([`super::Position::numbered`]), and 0, 0 before any step.
+    pub fn summary(&mut self, s: &super::Summary) -> Result<()> {
         let at = s.position;
-        let (epoch, step) = match (at.epoch, at.step) {
-            (0, 0) => (0, 0),
-            (e, 0) => (e, per_epoch),
-            (e, k) => (e + 1, k),
-        };
+        let (epoch, step) = if at.global_step == 0 { (0, 0) } else { at.numbered(s.per_epoch) };
         let mut v = serde_json::json!({
             "type": "summary",
             "images_per_s": s.images_per_s,

@@ -27,6 +27,14 @@ impl ModelKind {
     }
 }
 
+/// `vs`'s variables sorted by name: the one order of the optimizer's flat buffer, checkpoints,
+/// the lookahead average and the ranks' broadcasts.
+pub fn variables_by_name(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
 /// Builds `kind` for `classes` outputs under `vs`'s root.
 pub fn build(kind: ModelKind, vs: &nn::Path, classes: i64) -> Box<dyn ModuleT> {
     match kind {

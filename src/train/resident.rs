@@ -12,8 +12,6 @@ use crate::source::Dataset;
 
 /// One epoch's order and augmentation draws, on the device.
 pub struct EpochPlan {
-    /// The epoch.
-    pub epoch: u64,
     indices: Tensor,
     dy: Tensor,
     dx: Tensor,
@@ -26,11 +24,6 @@ impl EpochPlan {
     /// Batches in the epoch.
     pub fn len(&self) -> usize {
         self.batches.len()
-    }
-
-    /// Whether the epoch has none.
-    pub fn is_empty(&self) -> bool {
-        self.batches.is_empty()
     }
 }
 
@@ -88,7 +81,6 @@ impl Resident {
             at += b.len();
         }
         EpochPlan {
-            epoch,
             indices: upload(flat.iter().map(|&i| i as i64).collect()),
             dy: upload(draws.iter().map(|d| d.0 as i64).collect()),
             dx: upload(draws.iter().map(|d| d.1 as i64).collect()),

@@ -20,10 +20,10 @@ pub struct Sgd {
     pub nesterov: bool,
     /// Per element of the flat buffer (name order), a multiplier of `lr` (parameter groups
     /// with their own rates, as the fast recipe's batch-norm biases); `None`: 1 for all.
-    pub lr_scale: Option<Tensor>,
+    pub(crate) lr_scale: Option<Tensor>,
     /// Per element, the weight decay in place of `weight_decay` (a group's own); `None`: the
     /// scalar for all.
-    pub decay: Option<Tensor>,
+    pub(crate) decay: Option<Tensor>,
     /// `(name, variable, offset, numel)` in name order.
     params: Vec<(String, Tensor, i64, i64)>,
     flat: Tensor,
@@ -39,9 +39,8 @@ pub struct Sgd {
 impl Sgd {
     /// Over `vs`'s trainable variables.
     pub fn new(vs: &nn::VarStore, lr: f64, momentum: f64, weight_decay: f64) -> Self {
-        let mut named: Vec<(String, Tensor)> =
-            vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let named: Vec<(String, Tensor)> =
+            super::model::variables_by_name(vs).into_iter().filter(|(_, t)| t.requires_grad()).collect();
         let total: i64 = named.iter().map(|(_, t)| t.numel() as i64).sum();
         let flat = Tensor::zeros([total], (Kind::Float, vs.device()));
         let mut params = Vec::with_capacity(named.len());

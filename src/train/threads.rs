@@ -1,4 +1,6 @@
-//! How many threads libtorch's CPU kernels use: the cores that other programs leave free.
+//! How many threads libtorch's CPU kernels use: the count the user fixed; for ranks sharing a
+//! machine, their share of its cores (each pinned to its own); for a lone process, the cores
+//! that other programs leave free.
 //!
 //! libtorch splits each kernel across its threads (OpenMP) and waits for the slowest at the
 //! kernel's end. When another busy program shares a core with one of them, that thread gets half
@@ -10,6 +12,43 @@
 //! cores left.
 
 use std::time::{Duration, Instant};
+
+use crate::dist::Launch;
+
+/// How [`set_up_threads`] set this process's threads up.
+#[derive(Debug, Clone, Default)]
+pub struct Threads {
+    /// The cores this rank was pinned to, if it was.
+    pub pinned: Option<Vec<usize>>,
+    /// The count is left to [`crate::train::run`] to fit to what other programs leave free
+    /// (its configuration's `adapt_threads`).
+    pub adapt: bool,
+}
+
+/// Sets libtorch's thread count for this process, which is one of `local_ranks` on this
+/// machine (`launch` says which, under a launcher): `fixed` where the user gave one. Ranks
+/// sharing a machine pin themselves to their share of its cores (unless `pin` is false; see
+/// [`crate::dist::pin_to_share`]) and take `OMP_NUM_THREADS` where the launcher set it
+/// (torchrun sets 1), else
+/// their share, fixed (a governor would take the other ranks for other programs). A lone
+/// process adapts. Call it before starting any thread, so that all of them inherit the pinning.
+pub fn set_up_threads(launch: Option<&Launch>, local_ranks: usize, fixed: Option<i32>, pin: bool) -> Threads {
+    let pinned = match launch {
+        Some(l) if l.local_world > 1 && pin => crate::dist::pin_to_share(l.local_rank, l.local_world),
+        _ => None,
+    };
+    match fixed {
+        Some(n) => tch::set_num_threads(n),
+        None if local_ranks > 1 => {
+            let cores = std::thread::available_parallelism().map_or(1, usize::from);
+            let omp = std::env::var("OMP_NUM_THREADS").ok().and_then(|v| v.parse::<usize>().ok());
+            let share = pinned.as_ref().map_or(cores / local_ranks, Vec::len);
+            tch::set_num_threads(omp.unwrap_or(share).max(1) as i32);
+        }
+        None => {}
+    }
+    Threads { adapt: fixed.is_none() && local_ranks == 1, pinned }
+}
 
 /// Time between two looks at the machine.
 pub const EVERY: Duration = Duration::from_secs(1);
@@ -39,7 +78,7 @@ fn sample() -> Option<(u64, u64)> {
 }
 
 /// Sets libtorch's thread count from what the rest of the machine uses; see the module's doc.
-pub struct Governor {
+pub(crate) struct Governor {
     cores: usize,
     ticks_per_s: f64,
     last: Option<(Instant, (u64, u64))>,

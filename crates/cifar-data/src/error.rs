@@ -47,6 +47,14 @@ pub enum Error {
     /// Data-parallel training failed: a rank is gone or disagrees, or the launch is wrong.
     #[error("{0}")]
     Distributed(String),
+    /// The data asked for is not there (and was not to be, or could not be, prepared).
+    #[error("{msg}")]
+    NotFound {
+        /// Where it was looked for.
+        path: PathBuf,
+        /// What is missing, and what to put where (the path included).
+        msg: String,
+    },
     /// A download failed.
     #[error("download of {url} failed: {msg}")]
     Download {

@@ -41,3 +41,18 @@ pub fn kind_of(meta: &Metadata) -> &'static str {
     }
     if meta.is_dir() { "a directory" } else { "not a regular file" }
 }
+
+/// Writes `path` whole or not at all: `write` fills a temporary file beside it (in the same
+/// directory, so that the rename is atomic), which is synced to disk and then renamed over
+/// `path`. On any failure the temporary is removed and `path` is as it was.
+pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let result = write(&tmp)
+        .and_then(|()| File::open(&tmp).and_then(|f| f.sync_all()).at(&tmp))
+        .and_then(|()| std::fs::rename(&tmp, path).at(path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}

@@ -9,6 +9,7 @@ pub mod download;
 pub mod folder;
 pub mod layout;
 pub mod pickle;
+pub mod root;
 pub mod tarball;
 pub mod writer;
 

@@ -1,0 +1,124 @@
+//! Evaluation on the test split: accuracy overall and per class, and the confusion matrix, in
+//! one process or shared by the ranks of a data-parallel job.
+use std::sync::Arc;
+
+use tch::{Device, Tensor, nn};
+
+use super::fast;
+use crate::dist::ProcessGroup;
+use crate::error::{Error, Result};
+use crate::interrupt::Interrupt;
+use crate::loader::Loader;
+use crate::source::Dataset;
+
+/// Test-set accuracy.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    /// Correct / total.
+    pub accuracy: f64,
+    /// Per class, in label order.
+    pub per_class: Vec<f64>,
+    /// `confusion[true][predicted]` counts.
+    pub confusion: Vec<Vec<u64>>,
+}
+
+/// How to evaluate.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Eval<'a> {
+    /// Samples a batch.
+    pub batch_size: usize,
+    /// Loader threads.
+    pub workers: usize,
+    /// Where the model is.
+    pub device: Device,
+    /// Test-time augmentation level ([`fast::tta_logits`]).
+    pub tta: u8,
+    /// The ranks sharing the work, if any.
+    pub group: Option<&'a ProcessGroup>,
+}
+
+/// The accuracy of `net`, which scores `classes` classes, on `test`: the confusion matrix is
+/// `classes` square (or the test split's class count, if larger). Ends with
+/// [`Error::Interrupted`] as soon as `interrupt` is requested.
+pub fn evaluate(
+    net: &dyn nn::ModuleT,
+    classes: usize,
+    test: &Arc<Dataset>,
+    batch_size: usize,
+    workers: usize,
+    device: Device,
+    interrupt: &Interrupt,
+) -> Result<Evaluation> {
+    Eval { batch_size, workers, device, tta: 0, group: None }.run(net, classes, test, interrupt)
+}
+
+impl Eval<'_> {
+    /// With a group, each rank counts its shard of the test split and one all-reduce sums the
+    /// confusion matrices, so every rank has the whole split's result (one process's) in a
+    /// world-th of the time; the evaluation is then not cut short by an interrupt, which the
+    /// ranks agree on at the next step.
+    pub fn run(
+        &self,
+        net: &dyn nn::ModuleT,
+        classes: usize,
+        test: &Arc<Dataset>,
+        interrupt: &Interrupt,
+    ) -> Result<Evaluation> {
+        let group = self.group;
+        let (rank, world) = group.map_or((0, 1), |g| (g.rank(), g.world()));
+        // Predictions range over the model's classes, which a test split may not all hold.
+        let classes = classes.max(super::splits::class_count(test));
+        let mut confusion = vec![vec![0u64; classes]; classes];
+        // The split opened once by the run, not re-opened and re-validated every epoch.
+        let mut loader = Loader::builder_arc(test.clone())
+            .batch_size(self.batch_size)
+            .shuffle(false)
+            .num_workers(self.workers)
+            .device(self.device)
+            .shard(rank, world)
+            .build()?;
+        tch::no_grad(|| -> Result<()> {
+            for b in loader.iter() {
+                // Acted on within a batch: a Ctrl-C need not wait for the whole test split.
+                if group.is_none() && interrupt.requested() {
+                    return Err(Error::Interrupted);
+                }
+                let b = b?;
+                let pred = fast::tta_logits(net, &b.images, self.tta).argmax(1, false).to_device(Device::Cpu);
+                let pred = Vec::<i64>::try_from(&pred).expect("i64 predictions");
+                let truth = Vec::<i64>::try_from(&b.labels.to_device(Device::Cpu)).expect("i64 labels");
+                for (t, p) in truth.into_iter().zip(pred) {
+                    confusion[t as usize][p as usize] += 1;
+                }
+            }
+            Ok(())
+        })?;
+        if let Some(g) = group {
+            let counts: Vec<f64> = confusion.iter().flatten().map(|&c| c as f64).collect();
+            let sum = Tensor::from_slice(&counts).to_device(g.device());
+            g.all_reduce_sum(&sum)?;
+            let sum = Vec::<f64>::try_from(sum.to_device(Device::Cpu)).expect("f64 counts");
+            for (c, v) in confusion.iter_mut().flatten().zip(sum) {
+                *c = v as u64;
+            }
+        }
+        Ok(Evaluation::of(confusion))
+    }
+}
+
+impl Evaluation {
+    /// The accuracies a confusion matrix gives (0 for a class with no samples).
+    pub fn of(confusion: Vec<Vec<u64>>) -> Evaluation {
+        let total: u64 = confusion.iter().flatten().sum();
+        let correct: u64 = confusion.iter().enumerate().map(|(c, row)| row[c]).sum();
+        let per_class = confusion
+            .iter()
+            .enumerate()
+            .map(|(c, row)| {
+                let n: u64 = row.iter().sum();
+                if n == 0 { 0.0 } else { row[c] as f64 / n as f64 }
+            })
+            .collect();
+        Evaluation { accuracy: correct as f64 / total.max(1) as f64, per_class, confusion }
+    }
+}

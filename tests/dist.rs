@@ -308,3 +308,36 @@ fn torchrun_launches_ranks_as_it_launches_pytorch_scripts() {
     assert_eq!(out.matches("images/s (all 2 ranks)").count(), 1, "{out}");
     assert_eq!(position(&ck), (2, 0));
 }
+
+#[test]
+fn a_two_rank_resnet_evaluates_as_one_process_does_from_its_checkpoint() {
+    // Batch norms: each rank's running statistics come from its own shard. The ranks' sharded
+    // evaluation must be the model the checkpoint holds (rank 0's buffers), as DDP's
+    // broadcast_buffers makes it.
+    let dir = learnable_data(&scratch("dist_buffers"), 20); // 100 training images, 20 test
+    let ck = dir.join("ck");
+    let (m2, m1) = (dir.join("two.jsonl"), dir.join("one.jsonl"));
+    let mut args = base_args(&dir);
+    let common = ["--model", "resnet", "--epochs", "1", "--lr", "0.05", "--checkpoint", ck.to_str().unwrap()];
+    args.extend(common.map(String::from));
+    let two = [
+        &args[..],
+        &["--batch-size", "8", "--nproc-per-node", "2", "--metrics", m2.to_str().unwrap()].map(String::from),
+    ]
+    .concat();
+    let o = cifar_train(&two);
+    assert!(o.status.success(), "{}", text(&o));
+    let one =
+        [&args[..], &["--batch-size", "16", "--resume", "--metrics", m1.to_str().unwrap()].map(String::from)]
+            .concat();
+    let o = cifar_train(&one);
+    assert!(o.status.success(), "{}", text(&o));
+    let summary = |m: &Path| -> serde_json::Value {
+        serde_json::from_str(std::fs::read_to_string(m).unwrap().lines().last().unwrap()).unwrap()
+    };
+    let (two, one) = (summary(&m2), summary(&m1));
+    assert_eq!(one["steps"], 0, "{one}");
+    for key in ["test_accuracy", "per_class_accuracy"] {
+        assert_eq!(two[key], one[key], "{key}: 2 ranks {} vs 1 process {}", two[key], one[key]);
+    }
+}

@@ -248,3 +248,62 @@ fn a_closed_stdout_ends_the_run_quietly() {
     assert_eq!(o.status.code(), Some(141), "{}", text(&o));
     assert!(o.stderr.is_empty(), "{}", text(&o));
 }
+
+#[test]
+fn a_fast_run_of_any_length_ends_with_its_lookahead_average_and_one_evaluation() {
+    let dir = learnable_data(&scratch("train_fast_end"), 8); // 40 images: 5 steps of 8 an epoch
+    let fast = |ck: &std::path::Path, more: &[&str]| {
+        let mut a = vec!["--recipe", "fast", "--batch-size", "8", "--checkpoint", ck.to_str().unwrap()];
+        a.extend(more);
+        let o = train(&dir, &a);
+        assert!(o.status.success(), "{}", text(&o));
+        text(&o)
+    };
+    // Under an epoch, and over one with a part of the next: each is a whole run.
+    for (epochs, steps) in [("0.5", 3), ("1.6", 8)] {
+        let ck = dir.join(format!("whole-{epochs}"));
+        let metrics = dir.join(format!("m-{epochs}.jsonl"));
+        let out = fast(&ck, &["--epochs", epochs, "--metrics", metrics.to_str().unwrap()]);
+        assert!(!out.contains("stopped at") && !out.contains("--resume"), "{out}");
+        assert!(out.contains("Accuracy of the network on the 8 test images"), "{out}");
+        let lines = json_lines(&metrics);
+        let summary = lines.last().unwrap();
+        assert_eq!(
+            (summary["steps"].as_u64(), summary["stopped_early"].as_bool()),
+            (Some(steps), Some(false))
+        );
+        assert_eq!(lines.iter().filter(|l| l["type"] == "epoch").count(), 1, "one evaluation, at the end");
+        // The weights are the lookahead average, which the checkpoint keeps beside them.
+        let all = checkpoint_weights(&ck);
+        let model: Vec<_> = all.iter().filter_map(|(n, v)| Some((n.strip_prefix("model/")?, v))).collect();
+        let average: Vec<_> =
+            all.iter().filter_map(|(n, v)| Some((n.strip_prefix("lookahead/")?, v))).collect();
+        assert!(!model.is_empty() && model == average, "the average was not swapped in at the end");
+    }
+    // Stopped mid-epoch and at an epoch's end, then resumed: bit for bit the whole run, the
+    // lookahead average included.
+    for stop in ["3", "5", "7"] {
+        let ck = dir.join(format!("split-{stop}"));
+        let out = fast(&ck, &["--epochs", "1.6", "--max-steps", stop]);
+        assert!(out.contains("continue with --resume"), "{out}");
+        assert_ne!(checkpoint_weights(&ck), checkpoint_weights(&dir.join("whole-1.6")));
+        fast(&ck, &["--epochs", "1.6", "--resume"]);
+        assert_eq!(checkpoint_weights(&ck), checkpoint_weights(&dir.join("whole-1.6")), "stopped at {stop}");
+    }
+    // The schedule is the run's: resuming it over another length is refused, naming it.
+    let o = train(
+        &dir,
+        &[
+            "--recipe",
+            "fast",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "3",
+            "--resume",
+            "--checkpoint",
+            dir.join("split-3").to_str().unwrap(),
+        ],
+    );
+    refused(o, "schedule_steps: 8 vs 15");
+}

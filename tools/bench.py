@@ -237,8 +237,8 @@ def bench_train(args):
         return json_line([sys.executable, REFERENCE, "--root", os.path.join(data, "py"), "--batch-size", str(b),
                           "--workers", "1", "--steps", str(ref_steps.get(b, 40)), "--json"])
 
-    def ours(b):
-        sh([os.path.join(RELEASE, "cifar-train"), "--data", data, "--device", "cpu", "--batch-size", str(b),
+    def ours(b, exe=os.path.join(RELEASE, "cifar-train")):
+        sh([exe, "--data", data, "--device", "cpu", "--batch-size", str(b),
             "--workers", str(args.workers[0]), "--epochs", "1", "--max-steps", str(our_steps.get(b, 150)),
             "--metrics", metrics])
         return last_json(metrics)
@@ -247,6 +247,9 @@ def bench_train(args):
         return json_line([step_exe, "--batch-size", str(b), "--steps", str(our_steps.get(b, 150))])
 
     contenders = [("reference", reference), ("ours", ours), ("bound", bound)]
+    if args.baseline:
+        # Another build of cifar-train (an earlier commit's), interleaved with the rest.
+        contenders.append(("before", lambda b: ours(b, os.path.abspath(args.baseline))))
     rows = interleaved(contenders, args.reps, args.batch_sizes)
 
     def values(name, b, key="images_per_s"):
@@ -269,6 +272,13 @@ def bench_train(args):
         of_bound = ratio(values("ours", b, "steady_images_per_s"), values("bound", b))
         print(f"| {b} | {med[('reference', b)]:,.0f} | {med[('ours', b)]:,.0f} | {x_ref:.1f}× | {100 * wait[b]:.2f}% "
               f"| {1e3 * first[b]:.0f} ms | {steady[b]:,.0f} | {med[('bound', b)]:,.0f} | {100 * of_bound:.0f}% |")
+    if args.baseline:
+        print(f"\nthis build against `{args.baseline}`, the same runs (images/s, median of {args.reps})\n")
+        print("| B | before | after | after ÷ before |")
+        print("|---:|---:|---:|---:|")
+        for b in args.batch_sizes:
+            print(f"| {b} | {med[('before', b)]:,.0f} | {med[('ours', b)]:,.0f} "
+                  f"| {ratio(values('ours', b), values('before', b)):.3f} |")
     print("\nall runs:", json.dumps({"/".join(map(str, k)): [round(r["images_per_s"]) for r in v] for k, v in rows.items()}))
     print("after the first step:", json.dumps({b: [round(v) for v in values("ours", b, "steady_images_per_s")]
                                                 for b in args.batch_sizes}))
@@ -404,6 +414,7 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--batch-sizes", type=int, nargs="+", help="default: 4 32 256 (ddp: 32 256, accuracy: 4 32)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--baseline", metavar="EXE", help="train: another cifar-train build to set beside this one")
     ap.add_argument("--images", type=int, default=200000)
     ap.add_argument("--part", choices=["all", "cifar", "folder"], default="all",
                     help="prep: the CIFAR tarball, the image folder, or both")

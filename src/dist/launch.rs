@@ -164,12 +164,11 @@ pub fn free_port() -> Result<u16> {
         .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(32768);
     let span = low.saturating_sub(20000).max(1) as u64;
-    let mut x = crate::sampler::mix(&[
-        std::process::id() as u64,
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64),
-    ]);
-    for _ in 0..64 {
-        x = crate::sampler::mix(&[x]);
+    // A random start per process (std's hasher keys are random), so that two launches at once
+    // try different ports.
+    let random = std::hash::RandomState::new();
+    for attempt in 0..64u64 {
+        let x = std::hash::BuildHasher::hash_one(&random, (std::process::id(), attempt));
         let port = 20000 + (x % span) as u16;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return Ok(port);

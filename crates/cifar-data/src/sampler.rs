@@ -6,7 +6,7 @@ use rand_chacha::ChaCha8Rng;
 
 /// Mixes integers into one well-spread seed (SplitMix64's finaliser), so that neighbouring
 /// epochs or samples get unrelated random streams.
-pub fn mix(parts: &[u64]) -> u64 {
+pub(crate) fn mix(parts: &[u64]) -> u64 {
     let mut h = 0x9E37_79B9_7F4A_7C15u64;
     for &p in parts {
         h ^= p.wrapping_add(0x9E37_79B9_7F4A_7C15).wrapping_add(h << 6).wrapping_add(h >> 2);

@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use super::layout::{CHANNELS, Records};
 use super::tarball::{InputKind, hex, input_kind, open_archive};
 use super::writer::{Normalize, TensorFileWriter};
-use super::{Metadata, Norm, PrepOptions, PrepSummary, SplitSummary, channel_stats};
+use super::{Metadata, PrepOptions, PrepSummary, SplitSummary, channel_stats};
 use crate::error::{Error, IoContext, Result};
 use crate::store::TensorFile;
 
@@ -304,11 +304,7 @@ fn options_tag(opts: &PrepOptions, name: &str) -> String {
 
 /// Output in `out_dir` made from this input (fingerprint `print`) with these options.
 fn up_to_date(input: &Path, name: &str, print: &str, tag: &str, out_dir: &Path) -> Option<PrepSummary> {
-    let matches = |f: &TensorFile| {
-        let m = f.metadata();
-        m.get("source_fingerprint").map(String::as_str) == Some(print)
-            && m.get("prep_options").map(String::as_str) == Some(tag)
-    };
+    let matches = |f: &TensorFile| super::made_from(f, print, tag);
     let first = std::fs::read_dir(out_dir).ok()?.filter_map(|e| e.ok()).find_map(|e| {
         let file_name = e.file_name().to_string_lossy().into_owned();
         let split = file_name.strip_prefix(&format!("{name}-"))?.strip_suffix(".safetensors")?.to_string();
@@ -324,12 +320,7 @@ fn up_to_date(input: &Path, name: &str, print: &str, tag: &str, out_dir: &Path) 
         if !matches(&f) || !super::same_conversion([&first, &f]) {
             return None;
         }
-        let mut per_class = vec![0; classes.len()];
-        for &l in f.labels() {
-            *per_class.get_mut(l as usize)? += 1;
-        }
-        let bytes = std::fs::metadata(&path).ok()?.len();
-        out.push(SplitSummary { split, path, images: f.len(), per_class, bytes });
+        out.push(SplitSummary::of_file(&split, path, &f, classes.len())?);
     }
     out.sort_by_key(|s| (s.split != "train", s.split.clone()));
     let source = super::tarball::SourceInfo::named(input);
@@ -525,11 +516,9 @@ pub fn prepare(
         r.pixels.extend_from_slice(&decoded[i].take().expect("decoded once").2);
     }
     drop(decoded);
-    let (mean, std) = match opts.norm {
-        Norm::Half => ([0.5; 3], [0.5; 3]),
-        Norm::Custom { mean, std } => (mean, std),
-        Norm::Dataset => channel_stats(records.get("train").or_else(|| records.values().next()).into_iter()),
-    };
+    let (mean, std) = opts
+        .norm
+        .mean_std(|| channel_stats(records.get("train").or_else(|| records.values().next()).into_iter()));
     let norm = Normalize::new(mean, std);
     std::fs::create_dir_all(out_dir).at(out_dir)?;
     let split_names: Vec<String> = records.keys().cloned().collect();
@@ -540,10 +529,7 @@ pub fn prepare(
         let mut writer =
             TensorFileWriter::with_side(out_dir, &format!("cifar-prep-{name}-{split}"), opts.dtype, side)?;
         writer.push(r, &norm)?;
-        let mut per_class = vec![0; classes.len()];
-        for &l in &r.labels {
-            per_class[l as usize] += 1;
-        }
+        let per_class = super::per_class(&r.labels, classes.len()).expect("labels index the class folders");
         let mut meta = Metadata {
             dataset: &name,
             split,
@@ -565,11 +551,7 @@ pub fn prepare(
         let path = output_path(out_dir, &name, split);
         sealed.push((SplitSummary { split: split.clone(), path, images, per_class, bytes: file.size }, file));
     }
-    let mut splits = Vec::new();
-    for (summary, file) in sealed {
-        file.persist(&summary.path)?;
-        splits.push(summary);
-    }
+    let mut splits = super::persist_all(sealed)?;
     splits.sort_by_key(|s| (s.split != "train", s.split.clone()));
     let source = super::tarball::SourceInfo::named(input);
     Ok(PrepSummary {

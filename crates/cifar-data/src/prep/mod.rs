@@ -8,7 +8,12 @@
 pub mod download;
 pub mod folder;
 pub mod layout;
+// The pickle reader is this crate's own business; the fuzz targets reach it with the
+// `fuzzing` feature.
+#[cfg(feature = "fuzzing")]
 pub mod pickle;
+#[cfg(not(feature = "fuzzing"))]
+mod pickle;
 pub mod root;
 pub mod tarball;
 pub mod writer;
@@ -43,6 +48,18 @@ pub enum Norm {
         /// Per-channel standard deviation.
         std: [f32; 3],
     },
+}
+
+impl Norm {
+    /// The mean and std this normalization uses, `stats` (the train split's, computed only
+    /// where needed) for [`Norm::Dataset`].
+    pub fn mean_std(self, stats: impl FnOnce() -> ([f32; 3], [f32; 3])) -> ([f32; 3], [f32; 3]) {
+        match self {
+            Norm::Half => ([0.5; 3], [0.5; 3]),
+            Norm::Custom { mean, std } => (mean, std),
+            Norm::Dataset => stats(),
+        }
+    }
 }
 
 /// What `prepare` does.
@@ -81,6 +98,43 @@ pub struct SplitSummary {
     pub per_class: Vec<usize>,
     /// File size in bytes.
     pub bytes: u64,
+}
+
+impl SplitSummary {
+    /// The summary of split `split`'s file at `path`, already written and opened as `file`:
+    /// its images counted per class of `classes`. `None` if a label is beyond them.
+    pub fn of_file(split: &str, path: PathBuf, file: &TensorFile, classes: usize) -> Option<SplitSummary> {
+        let per_class = per_class(file.labels(), classes)?;
+        let bytes = std::fs::metadata(&path).ok()?.len();
+        Some(SplitSummary { split: split.into(), path, images: file.len(), per_class, bytes })
+    }
+}
+
+/// How many of `labels` each class of `classes` has; `None` if a label is beyond them.
+pub fn per_class(labels: &[i64], classes: usize) -> Option<Vec<usize>> {
+    let mut counts = vec![0; classes];
+    for &l in labels {
+        *counts.get_mut(usize::try_from(l).ok()?)? += 1;
+    }
+    Some(counts)
+}
+
+/// Whether `file` was converted from the input of fingerprint `print` with the options `tag`:
+/// what makes earlier output up to date.
+fn made_from(file: &TensorFile, print: &str, tag: &str) -> bool {
+    let m = file.metadata();
+    m.get("source_fingerprint").map(String::as_str) == Some(print)
+        && m.get("prep_options").map(String::as_str) == Some(tag)
+}
+
+/// Renames each sealed split into place, in order, and returns their summaries.
+fn persist_all(sealed: Vec<(SplitSummary, writer::Sealed)>) -> Result<Vec<SplitSummary>> {
+    let mut splits = Vec::with_capacity(sealed.len());
+    for (summary, file) in sealed {
+        file.persist(&summary.path)?;
+        splits.push(summary);
+    }
+    Ok(splits)
 }
 
 /// What `prepare` did.
@@ -167,25 +221,14 @@ fn up_to_date(input: &Path, print: &str, out_dir: &Path, opts: &PrepOptions) -> 
         for split in [Split::Train, Split::Test] {
             let path = output_path(out_dir, kind, split);
             let Ok(file) = TensorFile::open(&path) else { break };
-            let meta = file.metadata();
-            if meta.get("source_fingerprint").map(String::as_str) != Some(print)
-                || meta.get("prep_options") != Some(&norm_tag(opts))
-            {
+            if !made_from(&file, print, &norm_tag(opts)) {
                 break;
             }
             classes = file.classes().to_vec();
-            let mut per_class = vec![0; classes.len()];
-            for &l in file.labels() {
-                per_class[l as usize] += 1;
-            }
-            let bytes = std::fs::metadata(&path).at(&path)?.len();
-            splits.push(SplitSummary {
-                split: split.name().into(),
-                path,
-                images: file.len(),
-                per_class,
-                bytes,
-            });
+            let Some(summary) = SplitSummary::of_file(split.name(), path, &file, classes.len()) else {
+                break;
+            };
+            splits.push(summary);
         }
         let files: Vec<TensorFile> =
             splits.iter().filter_map(|s: &SplitSummary| TensorFile::open(&s.path).ok()).collect();
@@ -375,11 +418,7 @@ fn prepare_cifar(
             file,
         ));
     }
-    let mut splits = Vec::new();
-    for (summary, file) in sealed {
-        file.persist(&summary.path)?;
-        splits.push(summary);
-    }
+    let splits = persist_all(sealed)?;
     let dataset = kind.name().into();
     Ok(PrepSummary {
         dataset,
@@ -440,11 +479,8 @@ struct Written {
 
 impl Written {
     fn per_class(&self, split: Split, classes: usize) -> Vec<usize> {
-        let mut counts = vec![0; classes];
-        for &l in self.labels.get(&split).into_iter().flatten() {
-            counts[l as usize] += 1;
-        }
-        counts
+        let labels = self.labels.get(&split).map_or(&[][..], Vec::as_slice);
+        per_class(labels, classes).expect("labels were checked against the classes when parsed")
     }
 }
 
@@ -456,11 +492,8 @@ fn write_splits(
     writers: &mut BTreeMap<Split, TensorFileWriter>,
     opts: &PrepOptions,
 ) -> Result<Written> {
-    let (mean, std) = match opts.norm {
-        Norm::Half => ([0.5; 3], [0.5; 3]),
-        Norm::Custom { mean, std } => (mean, std),
-        Norm::Dataset => ([0.0; 3], [1.0; 3]),
-    };
+    // For the train split's own statistics nothing is written until all of it is read.
+    let (mean, std) = opts.norm.mean_std(|| ([0.0; 3], [1.0; 3]));
     let defer_all = opts.norm == Norm::Dataset;
     let mut norm = Normalize::new(mean, std);
     let mut pending: BTreeMap<(Split, usize), Records> = BTreeMap::new();

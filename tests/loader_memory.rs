@@ -44,8 +44,13 @@ fn resident_memory_is_flat_after_the_first_epoch() {
     // allocates them (the workers); a leak of one batch an epoch would pass that by epoch 20.
     let growth = after.iter().max().unwrap() - after[0];
     assert!(growth < 2 * pool_kb, "grew {growth} kB after the first epoch: {after:?}");
+    // A leak of one batch an epoch adds ten batches over the last 10 epochs. The allocator's
+    // per-thread caches were seen to take up to two more batches late in a run (1 run in 6 of
+    // a fresh clone: 768 kB steps at epochs 11 and 14, flat after), which a bound of one MB
+    // took for a leak; four batches tell the two apart.
+    let batch_kb = (batch * IMG * 4 / 1024) as i64;
     let late = after[19] - after[9];
-    assert!(late < 1024, "still growing in the last 10 epochs ({late} kB): {after:?}");
+    assert!(late < 4 * batch_kb, "still growing in the last 10 epochs ({late} kB): {after:?}");
     assert!(after[0] - before < pool_kb + 32 * 1024, "{} kB over a pool of {pool_kb} kB", after[0] - before);
     assert_eq!(loader.buffers(), 0);
 }

@@ -5,6 +5,7 @@ use tch::nn;
 
 use super::checkpoint::{self, Position, Resumed, RunSettings};
 use super::config::TrainConfig;
+use super::plan::Plan;
 use super::sgd::Sgd;
 use super::splits::Splits;
 use crate::dist::ProcessGroup;
@@ -20,10 +21,10 @@ const FRESH: Position = Position { epoch: 0, step: 0, global_step: 0 };
 pub(crate) fn settings(
     g: &ProcessGroup,
     cfg: &TrainConfig,
-    opened: &Result<(Splits, RunSettings)>,
+    opened: &Result<(Splits, RunSettings, Plan)>,
 ) -> Result<()> {
     let mine =
-        opened.as_ref().map(|(s, settings)| agreed_settings(cfg, s, settings)).map_err(|e| e.to_string());
+        opened.as_ref().map(|(s, settings, _)| agreed_settings(cfg, s, settings)).map_err(|e| e.to_string());
     let all = g.exchange("settings", mine);
     if opened.is_ok() {
         check_agreement(&all?)?;

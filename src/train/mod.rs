@@ -149,8 +149,8 @@ impl<'a> Run<'a> {
         if let Some(g) = group {
             agree::settings(g, cfg, &opened)?;
         }
-        let (Splits { train, test, classes, n_classes }, settings) = opened?;
-        let plan = Plan::new(cfg, train.len(), world, test.is_some());
+        let (Splits { train, test, classes, n_classes }, settings, plan) = opened?;
+        let main = group.is_none_or(ProcessGroup::is_main);
 
         tch::manual_seed(cfg.seed as i64);
         let vs = nn::VarStore::new(cfg.device);
@@ -173,7 +173,7 @@ impl<'a> Run<'a> {
         let reads_mapping = !cfg.resident || cfg.device == Device::Cpu;
         let populate_seconds = if reads_mapping { populate(&train, progress) } else { 0.0 };
         let data = Batches::new(cfg, &plan, (rank, world), &train, resumed.position)?;
-        let metrics = cfg.metrics.as_deref().filter(|_| group.is_none_or(ProcessGroup::is_main));
+        let metrics = cfg.metrics.as_deref().filter(|_| main);
         let record = Record::new(metrics, cfg.resume, plan.per_epoch, plan.log_every, cfg.device)?;
         let governor = (cfg.adapt_threads && cfg.device == Device::Cpu)
             .then(|| threads::Governor::start(std::time::Duration::from_millis(300)))
@@ -186,7 +186,7 @@ impl<'a> Run<'a> {
             cfg,
             group,
             interrupt,
-            main: group.is_none_or(ProcessGroup::is_main),
+            main,
             step: group.map_or(Step::Single, Step::Parallel),
             loss: Loss { label_smoothing: cfg.label_smoothing, amp: cfg.amp, summed: plan.summed_loss },
             eval: Eval {
@@ -368,8 +368,9 @@ impl<'a> Run<'a> {
     }
 }
 
-/// `cfg`'s settings checked, its splits opened, and the settings a checkpoint of the run keeps.
-fn open(cfg: &TrainConfig, world: usize) -> Result<(Splits, RunSettings)> {
+/// `cfg`'s settings checked, its splits opened, the settings a checkpoint of the run keeps, and
+/// the plan (whose schedule length those settings record).
+fn open(cfg: &TrainConfig, world: usize) -> Result<(Splits, RunSettings, Plan)> {
     cfg.check()?;
     if cfg.recipe == Recipe::Fast && world > 1 {
         return Err(Error::Config("--recipe fast trains in one process (no data-parallel runs)".into()));
@@ -392,7 +393,7 @@ fn open(cfg: &TrainConfig, world: usize) -> Result<(Splits, RunSettings)> {
         recipe: cfg.recipe,
         schedule_steps: plan.schedule.then_some(plan.total),
     };
-    Ok((splits, settings))
+    Ok((splits, settings, plan))
 }
 
 /// Enters the training split into memory before the steps, as torchvision's CIFAR10 reads it

@@ -1,25 +1,24 @@
-//! The batch buffers the workers fill: host tensors libtorch owns. For the CPU a fresh pair
-//! for every batch, which the batch's tensors then keep alive however long the user does; for
-//! CUDA page-locked ("pinned") staging buffers, reused once their asynchronous copy is done.
+//! The tch front's buffers: host tensors libtorch owns. For the CPU a fresh pair for every
+//! batch, which the batch's tensors then keep alive however long the user does; for CUDA a pool
+//! of page-locked ("pinned") staging buffers, each reused once its asynchronous copy is done.
+use std::time::{Duration, Instant};
+
+use cifar_data::pipeline::{Buffer, Buffers, default_prefetch};
 use tch::{Device, Kind, Tensor};
 
 /// One batch's host memory: `images [capacity, C, H, W]` f32 and `labels [capacity]` i64.
 pub(crate) struct Slot {
     // Private: every tensor sharing this memory is made by `views`, so the contract of
-    // `images_mut` is all that stands between a view and a write.
+    // `parts_mut` is all that stands between a view and a write.
     images: Tensor,
     labels: Tensor,
-    /// Samples filled (the last batch of an epoch may be short).
-    pub len: usize,
-    /// The dataset indices of the filled samples.
-    pub indices: Vec<usize>,
     capacity: usize,
     sample: usize,
 }
 
 impl Slot {
     /// A buffer for `capacity` samples of `shape`; pinned for `pin_for` (a CUDA device).
-    /// Not zeroed: only the filled part (`len` samples, all written) is ever read.
+    /// Not zeroed: only the filled part (all written) is ever read.
     pub fn new(capacity: usize, shape: [usize; 3], pin_for: Option<Device>) -> Self {
         let dims = [capacity as i64, shape[0] as i64, shape[1] as i64, shape[2] as i64];
         let mut images = Tensor::empty(dims, (Kind::Float, Device::Cpu));
@@ -29,44 +28,111 @@ impl Slot {
             labels = labels.pin_memory(device);
         }
         assert!(images.is_contiguous() && labels.is_contiguous());
-        Slot {
-            images,
-            labels,
-            len: 0,
-            indices: Vec::with_capacity(capacity),
-            capacity,
-            sample: shape.iter().product(),
-        }
+        Slot { images, labels, capacity, sample: shape.iter().product() }
     }
 
-    /// The image memory as one flat slice, for the worker that owns this slot.
-    ///
-    /// # Safety
-    /// While the slice lives, no other tensor may read or write this slot's memory: no tensor
-    /// made by [`Slot::views`] may still exist (the loader fills a CPU slot once, before its
-    /// views are made, and never again), and no device copy from a pinned slot may still be in
-    /// flight (the loader reuses one only once its copy is known to be complete).
-    pub unsafe fn images_mut(&mut self) -> &mut [f32] {
-        // SAFETY: `images` is a contiguous f32 CPU tensor of `capacity * sample` elements that
-        // this slot owns and keeps alive; the slot is `&mut`, so exactly one thread writes it,
-        // and the caller guarantees that no other tensor shares its memory meanwhile.
-        unsafe {
-            std::slice::from_raw_parts_mut(self.images.data_ptr() as *mut f32, self.capacity * self.sample)
-        }
-    }
-
-    /// The label memory.
-    ///
-    /// # Safety
-    /// As for [`Slot::images_mut`].
-    pub unsafe fn labels_mut(&mut self) -> &mut [i64] {
-        // SAFETY: as for `images_mut`: a contiguous i64 tensor of `capacity` elements owned here.
-        unsafe { std::slice::from_raw_parts_mut(self.labels.data_ptr() as *mut i64, self.capacity) }
-    }
-
-    /// The filled part, as views of the buffer (no copy).
-    pub fn views(&self) -> (Tensor, Tensor) {
-        let n = self.len as i64;
+    /// The first `len` samples, as views of the buffer (no copy).
+    pub fn views(&self, len: usize) -> (Tensor, Tensor) {
+        let n = len as i64;
         (self.images.narrow(0, 0, n), self.labels.narrow(0, 0, n))
+    }
+}
+
+impl Buffer for Slot {
+    fn new(capacity: usize, shape: [usize; 3]) -> Self {
+        Slot::new(capacity, shape, None)
+    }
+
+    unsafe fn parts_mut(&mut self) -> (&mut [f32], &mut [i64]) {
+        // SAFETY: `images` and `labels` are contiguous f32 and i64 CPU tensors of
+        // `capacity * sample` and `capacity` elements that this slot owns and keeps alive, in
+        // two separate allocations; the slot is `&mut`, so exactly one thread writes it, and the
+        // caller guarantees that no other tensor shares their memory meanwhile.
+        unsafe {
+            (
+                std::slice::from_raw_parts_mut(
+                    self.images.data_ptr() as *mut f32,
+                    self.capacity * self.sample,
+                ),
+                std::slice::from_raw_parts_mut(self.labels.data_ptr() as *mut i64, self.capacity),
+            )
+        }
+    }
+}
+
+/// Where the tch front's slots come from. On the CPU none are kept: the worker makes a fresh
+/// slot, whose views become the batch, and the slot is never filled again. On CUDA, a pool of
+/// pinned slots: a slot whose non-blocking copy was issued waits in `in_flight` until a device
+/// synchronisation shows the copy done, and only then is filled again.
+pub(crate) struct TchBuffers {
+    pub device: Device,
+    pub capacity: usize,
+    pub shape: [usize; 3],
+    free: Vec<Slot>,
+    /// Slots whose copy was issued but not yet synchronised.
+    pub in_flight: Vec<Slot>,
+    /// Copies left in flight before one synchronisation frees their buffers.
+    pub max_in_flight: usize,
+    /// Pinned slots allocated so far.
+    pub allocated: usize,
+    /// Time spent in device synchronisations since the last batch was handed out.
+    pub synced: Duration,
+}
+
+impl TchBuffers {
+    pub fn new(device: Device, capacity: usize, shape: [usize; 3]) -> Self {
+        TchBuffers {
+            device,
+            capacity,
+            shape,
+            free: Vec::new(),
+            in_flight: Vec::new(),
+            max_in_flight: 2,
+            allocated: 0,
+            synced: Duration::ZERO,
+        }
+    }
+
+    /// A new pinned slot for the CUDA pool.
+    pub fn new_pinned(&mut self) -> Slot {
+        self.allocated += 1;
+        Slot::new(self.capacity, self.shape, Some(self.device))
+    }
+}
+
+impl Buffers for TchBuffers {
+    type Buffer = Slot;
+
+    /// On the CPU none (the worker allocates a fresh one); on CUDA one from the pool, else by
+    /// synchronising outstanding copies, else a new one.
+    fn take(&mut self) -> Option<Slot> {
+        let Device::Cuda(i) = self.device else { return None };
+        if let Some(slot) = self.free.pop() {
+            return Some(slot);
+        }
+        // The copies read pinned memory after `to_device_` returned; tch offers no CUDA events
+        // to wait for one copy, so we wait for the device (which follows every copy issued) and
+        // only then give those buffers back. Batching the waits (one per `prefetch` steps)
+        // keeps the GPU's queue from draining every step.
+        if self.in_flight.len() >= self.max_in_flight {
+            let t = Instant::now();
+            tch::Cuda::synchronize(i as i64);
+            self.synced += t.elapsed();
+            let slot = self.in_flight.pop();
+            self.free.append(&mut self.in_flight);
+            return slot;
+        }
+        Some(self.new_pinned())
+    }
+
+    /// Back to CUDA's pool; on the CPU the slot is simply freed.
+    fn give_back(&mut self, slot: Slot) {
+        if self.device.is_cuda() {
+            self.free.push(slot);
+        }
+    }
+
+    fn default_prefetch(&self, capacity: usize, batch_bytes: usize) -> usize {
+        default_prefetch(capacity, batch_bytes, self.device == Device::Cpu)
     }
 }

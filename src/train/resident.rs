@@ -103,7 +103,13 @@ impl Resident {
             let pad = [p, p, p, p];
             x = match self.augment.padding {
                 Some(Padding::Reflect) => x.reflection_pad2d(pad),
-                _ => x.constant_pad_nd(pad),
+                Some(Padding::Edge) => x.replication_pad2d(pad),
+                Some(Padding::Symmetric) => symmetric_pad(&x, p),
+                Some(Padding::Constant(fill)) => {
+                    let fill = Tensor::from_slice(&fill).view([1, 3, 1, 1]).to_device(self.device);
+                    (&x - &fill).constant_pad_nd(pad) + fill
+                }
+                Some(Padding::Zero) | None => x.constant_pad_nd(pad),
             };
             let (h, w) = self.side;
             let range = |n: i64| Tensor::arange(n, (Kind::Int64, self.device));
@@ -118,4 +124,16 @@ impl Resident {
         }
         (x, labels)
     }
+}
+
+/// `x` (`[B, C, H, W]`) padded by `p` on each side with its edges mirrored, the edge pixel
+/// repeated (numpy's `symmetric`), which libtorch has no kernel for.
+fn symmetric_pad(x: &Tensor, p: i64) -> Tensor {
+    let side = |x: &Tensor, dim: i64| {
+        let n = x.size()[dim as usize];
+        let first = x.narrow(dim, 0, p).flip([dim]);
+        let last = x.narrow(dim, n - p, p).flip([dim]);
+        Tensor::cat(&[first, x.shallow_clone(), last], dim)
+    };
+    side(&side(x, 3), 2)
 }

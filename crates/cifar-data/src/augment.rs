@@ -6,17 +6,24 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::sampler::mix;
 
-/// What fills the border of a padded crop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What fills the border of a padded crop (torchvision's `padding_mode` and `fill`).
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Padding {
     /// Zeros of the normalized tensor (the dataset's mean colour), as `F.pad` after `Normalize`.
     Zero,
-    /// The image mirrored at its edge, without repeating the edge pixel (`reflect` in torch).
+    /// A per-channel value of the normalized tensor (`padding_mode="constant"` with a `fill`;
+    /// a fill given in pixels before `Normalize` is that pixel's normalized value).
+    Constant([f32; 3]),
+    /// The image mirrored at its edge, without repeating the edge pixel (`reflect`).
     Reflect,
+    /// The image mirrored at its edge, repeating the edge pixel (`symmetric`).
+    Symmetric,
+    /// The edge pixel repeated (`edge`).
+    Edge,
 }
 
 /// The augmentations to apply. `Augment::default()` applies none.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Augment {
     /// Pad by this many pixels on each side, then crop back to the original size at a random
     /// offset (`RandomCrop(32, padding=4)`); 0 for no crop.
@@ -61,21 +68,31 @@ impl Augment {
         let (dy, dx, flip) = self.draw(seed, epoch, index);
         let [c, h, w] = shape;
         let p = self.crop_padding as isize;
-        let reflect = self.padding == Some(Padding::Reflect);
-        // Source coordinate of padded coordinate `i` (in -p..n+p), or None for zero padding.
+        let padding = self.padding.unwrap_or(Padding::Zero);
+        // Source coordinate of padded coordinate `i` (in -p..n+p), or None for a constant.
         let at = |i: isize, n: usize| -> Option<usize> {
             let n = n as isize;
             if (0..n).contains(&i) {
-                Some(i as usize)
-            } else if reflect && n == 1 {
-                Some(0)
-            } else if reflect {
-                let period = 2 * (n - 1);
-                let m = i.rem_euclid(period);
-                Some((if m < n { m } else { period - m }) as usize)
-            } else {
-                None
+                return Some(i as usize);
             }
+            match padding {
+                Padding::Zero | Padding::Constant(_) => None,
+                Padding::Edge => Some(i.clamp(0, n - 1) as usize),
+                Padding::Reflect if n == 1 => Some(0),
+                Padding::Reflect => {
+                    let period = 2 * (n - 1);
+                    let m = i.rem_euclid(period);
+                    Some((if m < n { m } else { period - m }) as usize)
+                }
+                Padding::Symmetric => {
+                    let m = i.rem_euclid(2 * n);
+                    Some((if m < n { m } else { 2 * n - 1 - m }) as usize)
+                }
+            }
+        };
+        let fill = match padding {
+            Padding::Constant(f) => f,
+            _ => [0.0; 3],
         };
         for ch in 0..c {
             let plane = &src[ch * h * w..(ch + 1) * h * w];
@@ -87,7 +104,7 @@ impl Augment {
                     let sx = at(xo as isize + dx as isize - p, w);
                     out[y * w + x] = match (sy, sx) {
                         (Some(sy), Some(sx)) => plane[sy * w + sx],
-                        _ => 0.0,
+                        _ => fill[ch.min(2)],
                     };
                 }
             }
@@ -114,6 +131,31 @@ mod tests {
             seen.insert(dx);
         }
         assert_eq!(seen.len(), 5, "every offset 0..=4 occurs");
+    }
+
+    #[test]
+    fn every_padding_mode_fills_as_numpy_pad_does() {
+        // A 1x1x3 row [1 2 3], padded 2 (np.pad's modes: symmetric [2 1 1 2 3 3 2], edge
+        // [1 1 1 2 3 3 3], constant 7 [7 7 1 2 3 7 7]), cropped back to 3 at each offset.
+        let cases = [
+            (Padding::Symmetric, [2.0, 1.0, 1.0, 2.0, 3.0, 3.0, 2.0]),
+            (Padding::Edge, [1.0, 1.0, 1.0, 2.0, 3.0, 3.0, 3.0]),
+            (Padding::Constant([7.0; 3]), [7.0, 7.0, 1.0, 2.0, 3.0, 7.0, 7.0]),
+        ];
+        for (padding, padded) in cases {
+            let a = Augment { crop_padding: 2, padding: Some(padding), flip: false };
+            for i in 0..100 {
+                let (dy, dx, _) = a.draw(9, 0, i);
+                let mut dst = [0.0; 3];
+                a.apply(9, 0, i, [1, 1, 3], &[1.0, 2.0, 3.0], &mut dst);
+                // A crop row off the image (dy != 2) is padding from the mode's rows.
+                if dy == 2 || padding != Padding::Constant([7.0; 3]) {
+                    assert_eq!(dst, padded[dx..dx + 3], "{padding:?} dx {dx}");
+                } else {
+                    assert_eq!(dst, [7.0; 3]);
+                }
+            }
+        }
     }
 
     #[test]

@@ -12,9 +12,11 @@ parts of a loader that need no tensor library.
 * [`source`] is where samples come from: the [`Source`] trait, [`Dataset`] over a tensor file,
   and [`ImageFolder`] over `root/<class>/<image>.png` for your own data.
 * [`sampler`] decides each epoch's order from `(seed, epoch)`; [`augment`] crops and flips.
+* [`pipeline`] is the loader's core: worker threads fill a front's buffers ahead of the
+  consumer and hand them out in order (the tch `Loader` and the Python package are its fronts).
 * [`preview`] draws grids of images with class names, to look at the data.
 
-The `cifar-fast` crate builds the prefetch loader and the training loop on these with `tch`;
+The `cifar-fast` crate builds its tch loader and the training loop on these;
 this crate stays free of libtorch, so `cifar-prep` (which uses it alone) starts in milliseconds.
 */
 #![deny(missing_docs)]
@@ -23,6 +25,7 @@ pub mod augment;
 pub mod error;
 pub mod files;
 pub mod image_folder;
+pub mod pipeline;
 pub mod prep;
 pub mod preview;
 pub mod sampler;

@@ -85,6 +85,106 @@ impl Source for Dataset {
     }
 }
 
+/// A prepared split read with positioned reads (never through the map, so a file truncated
+/// under a live loader is an error, not a SIGBUS) and normalized anew: what torchvision's
+/// `ToTensor()` then `Normalize(mean, std)` make of the same image, bit for bit (the same f32
+/// operations in the same order). The Python package's datasets read through this.
+///
+/// A u8 file holds the pixels; an f32 file holds them normalized with its metadata's mean and
+/// std, which is undone exactly where another normalization is wanted (each value is checked to
+/// be what a pixel normalizes to, so a file of other values is an error naming it, never a
+/// silent approximation) and copied as it is where the same one is.
+pub struct Pixels {
+    file: TensorFile,
+    labels: Vec<i64>,
+    stored: Normalize,
+    wanted: Normalize,
+    /// The file's normalization is the one wanted.
+    same: bool,
+}
+
+impl Pixels {
+    /// Opens `path` (see [`TensorFile::open`]) to read as pixels normalized by `mean` and `std`
+    /// (of pixel / 255; 0 and 1 for `ToTensor()` alone; `None` for the file's own).
+    pub fn open(path: impl AsRef<Path>, norm: Option<([f32; 3], [f32; 3])>) -> Result<Self> {
+        let file = TensorFile::open(path)?;
+        let (mean, std) = norm.unwrap_or((file.mean(), file.std()));
+        let same = (mean, std) == (file.mean(), file.std());
+        Ok(Pixels {
+            labels: file.labels().to_vec(),
+            stored: Normalize::new(file.mean(), file.std()),
+            wanted: Normalize::new(mean, std),
+            same,
+            file,
+        })
+    }
+
+    /// The underlying file.
+    pub fn file(&self) -> &TensorFile {
+        &self.file
+    }
+
+    /// Every sample's label, read once at open.
+    pub fn labels(&self) -> &[i64] {
+        &self.labels
+    }
+}
+
+thread_local! {
+    /// A worker's buffer for one stored image, reused from sample to sample.
+    static STORED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Source for Pixels {
+    fn len(&self) -> usize {
+        self.file.len()
+    }
+
+    fn sample_shape(&self) -> [usize; 3] {
+        self.file.image_shape()
+    }
+
+    fn read_into(&self, index: usize, out: &mut [f32]) -> Result<i64> {
+        let f32_file = self.file.dtype() == StoreDtype::F32;
+        if f32_file && self.same {
+            self.file.read_image(index, bytemuck::cast_slice_mut(out))?;
+            return Ok(self.labels[index]);
+        }
+        STORED.with_borrow_mut(|stored| -> Result<()> {
+            // Room for the image in either dtype (a u8 image fills a quarter of it).
+            stored.resize(out.len(), 0.0);
+            let bytes: &mut [u8] = bytemuck::cast_slice_mut(stored.as_mut_slice());
+            if !f32_file {
+                let bytes = &mut bytes[..out.len()];
+                self.file.read_image(index, bytes)?;
+                self.wanted.image(bytes, out);
+                return Ok(());
+            }
+            self.file.read_image(index, bytes)?;
+            let side = out.len() / 3;
+            for (k, (o, &v)) in out.iter_mut().zip(stored.iter()).enumerate() {
+                let c = (k / side.max(1)).min(2);
+                let pixel = self.stored.pixel(c, v).ok_or_else(|| {
+                    crate::Error::format(
+                        self.file.path(),
+                        format!(
+                            "sample {index} holds {v}, which is no 8-bit pixel normalized by the file's \
+                             mean and std"
+                        ),
+                    )
+                })?;
+                *o = self.wanted.value(c, pixel);
+            }
+            Ok(())
+        })?;
+        Ok(self.labels[index])
+    }
+
+    fn classes(&self) -> Vec<String> {
+        self.file.classes().to_vec()
+    }
+}
+
 impl<S: Source + ?Sized> Source for std::sync::Arc<S> {
     fn len(&self) -> usize {
         (**self).len()

@@ -62,6 +62,25 @@ impl Normalize {
         Normalize { lut }
     }
 
+    /// Pixel `x`'s normalized value in channel `c`.
+    #[inline]
+    pub fn value(&self, c: usize, x: u8) -> f32 {
+        self.lut[c][x as usize]
+    }
+
+    /// The pixel whose normalized value in channel `c` is exactly `v`, if one is.
+    #[inline]
+    pub fn pixel(&self, c: usize, v: f32) -> Option<u8> {
+        // Normalizing is increasing for a positive std: invert it, round, then check, so only
+        // exact values pass (a std of 0 or below, or NaN, leaves no pixel to find).
+        let table = &self.lut[c];
+        let (lo, hi) = (table[0], table[255]);
+        let x = ((v - lo) / (hi - lo) * 255.0).round();
+        let x = if (0.0..=255.0).contains(&x) { x as usize } else { return None };
+        // Rounding in the division can land one off: look at the neighbours too.
+        [x, x.saturating_sub(1), (x + 1).min(255)].into_iter().find(|&x| table[x] == v).map(|x| x as u8)
+    }
+
     /// Normalizes one planar `[3, H, W]` image into `out` (as long as `pixels`).
     #[inline]
     pub fn image(&self, pixels: &[u8], out: &mut [f32]) {
@@ -264,5 +283,35 @@ impl Drop for TensorFileWriter {
     /// An unfinished file is removed: a failed run leaves no partial output behind.
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Normalize;
+
+    #[test]
+    fn every_normalized_pixel_maps_back_to_its_pixel_and_nothing_else_does() {
+        let cases = [
+            ([0.5; 3], [0.5; 3]),
+            ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+            ([0.0; 3], [1.0; 3]),
+        ];
+        for (mean, std) in cases {
+            let n = Normalize::new(mean, std);
+            for c in 0..3 {
+                for x in 0..=255u8 {
+                    let v = n.value(c, x);
+                    assert_eq!(n.pixel(c, v), Some(x), "{mean:?} {std:?} channel {c} pixel {x}");
+                    // Between two pixels' values lies no pixel.
+                    let between = f32::from_bits(v.to_bits() + 1);
+                    if x < 255 && between < n.value(c, x + 1) {
+                        assert_eq!(n.pixel(c, between), None);
+                    }
+                }
+                assert_eq!(n.pixel(c, f32::NAN), None);
+                assert_eq!(n.pixel(c, n.value(c, 255) + 1.0), None);
+            }
+        }
     }
 }

@@ -38,6 +38,8 @@ const MAX_HEADER: u64 = 100_000_000;
 /// expects to change); here the files are ours, written once by `cifar-prep` and renamed.
 pub struct TensorFile {
     path: PathBuf,
+    /// Kept open for [`TensorFile::read_image`].
+    file: std::fs::File,
     map: Mmap,
     len: usize,
     dtype: StoreDtype,
@@ -163,6 +165,7 @@ impl TensorFile {
         );
         let out = TensorFile {
             path: path.to_path_buf(),
+            file,
             map,
             watch,
             len,
@@ -246,6 +249,25 @@ impl TensorFile {
         let size = self.shape.iter().product::<usize>() * self.dtype.size();
         let start = self.images.start + i * size;
         &self.map[start..start + size]
+    }
+
+    /// Reads image `i`'s stored bytes into `out` (as long as [`TensorFile::image_bytes`]'s)
+    /// with a positioned read instead of through the map, so that a file truncated meanwhile is
+    /// an error naming it, not a SIGBUS. For programs that must outlive a bad file (the Python
+    /// package: its interpreter). Panics if `i >= len()` or `out` has another length.
+    pub fn read_image(&self, i: usize, out: &mut [u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        assert!(i < self.len, "sample {i} out of range for {} samples", self.len);
+        let size = self.shape.iter().product::<usize>() * self.dtype.size();
+        assert_eq!(out.len(), size, "image {i} is {size} bytes");
+        let start = (self.images.start + i * size) as u64;
+        self.file.read_exact_at(out, start).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => Error::format(
+                &self.path,
+                format!("was truncated while open (sample {i} lies past its end now); prepare it anew"),
+            ),
+            _ => Error::io(&self.path, e),
+        })
     }
 
     /// The raw stored bytes of all images.

@@ -1,0 +1,401 @@
+//! The loader core, with no tensor library: a [`Pipeline`] hands out an epoch's batches in
+//! order while its worker threads fill the next ones into buffers a front provides.
+//!
+//! ```text
+//!  consumer (Epoch::next)                      workers ×N
+//!   sampler → (seq, indices) + buffer? ───jobs──▶ gather + augment into the buffer
+//!   reorder by seq ◀───────────────────────done── (seq, filled) | (seq, buffer, error)
+//!   Filled { buffer, len, indices } ─▶ the front (tch tensors, or DLPack for Python)
+//! ```
+//!
+//! The consumer pairs each job with a buffer in sequence order, so buffers are never held by a
+//! later batch while an earlier one waits (no deadlock however the workers are scheduled), and
+//! at most `prefetch` batches are dispatched ahead of the one being consumed (bounded memory).
+//! The fronts differ only in their [`Buffers`]: the tch `Loader` (in `cifar-fast`) and the
+//! Python package build on this one pipeline, so both get the same batches, bit for bit.
+mod buffer;
+mod worker;
+
+use std::borrow::BorrowMut;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::task::Poll;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+pub use self::buffer::{Buffer, Buffers, Filled, HeapBuffer, default_prefetch};
+use self::worker::{Done, Job, Recipe};
+use crate::augment::Augment;
+use crate::error::{Error, Result};
+use crate::sampler::Sampler;
+use crate::source::Source;
+
+/// A pipeline's settings, with PyTorch's `DataLoader` names.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Samples per batch. By default, 32.
+    pub batch_size: usize,
+    /// Reshuffle every epoch. By default, true.
+    pub shuffle: bool,
+    /// The seed of the order and the augmentations. By default, 0.
+    pub seed: u64,
+    /// Worker threads; 0 fills batches on the consumer's thread. By default, 2.
+    pub num_workers: usize,
+    /// Batches made ahead of the one being consumed; `None` for the front's
+    /// [`Buffers::default_prefetch`]. Never more than an epoch's batches; 0 is refused.
+    pub prefetch: Option<usize>,
+    /// Drop each epoch's last, short batch. By default, false.
+    pub drop_last: bool,
+    /// Augmentations applied by the workers. By default, none.
+    pub augment: Augment,
+    /// Load only shard `rank` of `world`. By default, 0 of 1.
+    pub rank: usize,
+    /// See `rank`.
+    pub world: usize,
+    /// Start at this epoch, skipping its first batches (to resume). By default, (0, 0).
+    pub start: (u64, usize),
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            batch_size: 32,
+            shuffle: true,
+            seed: 0,
+            num_workers: 2,
+            prefetch: None,
+            drop_last: false,
+            augment: Augment::default(),
+            rank: 0,
+            world: 1,
+            start: (0, 0),
+        }
+    }
+}
+
+/// Batches from a [`Source`], shuffled and prefetched by worker threads into a front's buffers.
+pub struct Pipeline<P: Buffers> {
+    recipe: Recipe,
+    sampler: Sampler,
+    prefetch: usize,
+    buffers: P,
+    /// Closed on drop, which is what stops the workers.
+    jobs: Option<Sender<Job<P::Buffer>>>,
+    done: Receiver<Done<P::Buffer>>,
+    workers: Vec<JoinHandle<()>>,
+    next_epoch: u64,
+    /// `start`'s epoch and the batches to skip at its start, until the first epoch is asked
+    /// for: whichever epoch that is disarms it, so no later epoch loses batches.
+    skip: Option<(u64, usize)>,
+}
+
+impl<P: Buffers> Pipeline<P> {
+    /// Checks `settings` against `source` and starts the workers.
+    pub fn new(source: Arc<dyn Source>, settings: &Settings, buffers: P) -> Result<Self> {
+        let s = settings;
+        if s.batch_size == 0 {
+            return Err(Error::Config("batch_size must be at least 1".into()));
+        }
+        if s.prefetch == Some(0) {
+            return Err(Error::Config("prefetch must be at least 1".into()));
+        }
+        if s.world == 0 || s.rank >= s.world {
+            return Err(Error::Config(format!("shard rank {} is not below world size {}", s.rank, s.world)));
+        }
+        if source.is_empty() {
+            return Err(Error::Config("the dataset is empty".into()));
+        }
+        let sampler = Sampler {
+            len: source.len(),
+            batch_size: s.batch_size,
+            shuffle: s.shuffle,
+            seed: s.seed,
+            drop_last: s.drop_last,
+            rank: s.rank,
+            world: s.world,
+        };
+        if s.start.1 > sampler.batches_per_epoch() {
+            return Err(Error::Config(format!(
+                "start step {} is past the epoch's {} batches",
+                s.start.1,
+                sampler.batches_per_epoch()
+            )));
+        }
+        // A batch never holds more than a shard's samples, however large `batch_size` is, and
+        // no more batches are made ahead than an epoch has.
+        let capacity = s.batch_size.min(source.len().div_ceil(s.world));
+        let shape = source.sample_shape();
+        let batch_bytes = capacity * shape.iter().product::<usize>() * 4;
+        let prefetch = s
+            .prefetch
+            .unwrap_or_else(|| buffers.default_prefetch(capacity, batch_bytes))
+            .min(sampler.batches_per_epoch().max(1));
+        let recipe = Recipe { shape, source, augment: s.augment, seed: s.seed, capacity };
+        let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job<P::Buffer>>();
+        let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done<P::Buffer>>();
+        let mut workers = Vec::with_capacity(s.num_workers);
+        for i in 0..s.num_workers {
+            let (recipe, jobs, done) = (recipe.clone(), job_rx.clone(), done_tx.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("cifar-loader-{i}"))
+                .spawn(move || worker::work(recipe, jobs, done))
+                .map_err(|e| Error::Config(format!("cannot start a worker thread: {e}")))?;
+            workers.push(handle);
+        }
+        Ok(Pipeline {
+            recipe,
+            sampler,
+            prefetch,
+            buffers,
+            jobs: Some(job_tx),
+            done: done_rx,
+            workers,
+            next_epoch: s.start.0,
+            skip: Some(s.start),
+        })
+    }
+
+    /// The order of batches.
+    pub fn sampler(&self) -> &Sampler {
+        &self.sampler
+    }
+
+    /// The source.
+    pub fn source(&self) -> &Arc<dyn Source> {
+        &self.recipe.source
+    }
+
+    /// The shape of one sample, `[C, H, W]`.
+    pub fn sample_shape(&self) -> [usize; 3] {
+        self.recipe.shape
+    }
+
+    /// Samples a buffer holds: the batch size, or a shard's samples where those are fewer.
+    pub fn capacity(&self) -> usize {
+        self.recipe.capacity
+    }
+
+    /// Batches made ahead of the one being consumed.
+    pub fn prefetch(&self) -> usize {
+        self.prefetch
+    }
+
+    /// The front's buffers.
+    pub fn buffers(&self) -> &P {
+        &self.buffers
+    }
+
+    /// The front's buffers, to return a buffer or change its pool.
+    pub fn buffers_mut(&mut self) -> &mut P {
+        &mut self.buffers
+    }
+
+    /// The epoch the next [`Pipeline::iter`] gives: the one after the last asked for, or the
+    /// start epoch.
+    pub fn next_epoch(&self) -> u64 {
+        self.next_epoch
+    }
+
+    /// The next epoch's batches, like iterating a PyTorch `DataLoader` again.
+    pub fn iter(&mut self) -> Epoch<P, &mut Self> {
+        let e = self.next_epoch;
+        Epoch::new(self, e)
+    }
+
+    /// Epoch `epoch`'s batches, borrowing the pipeline.
+    pub fn epoch(&mut self, epoch: u64) -> Epoch<P, &mut Self> {
+        Epoch::new(self, epoch)
+    }
+
+    /// Epoch `epoch`'s batches, owning the pipeline (whose workers end with the epoch).
+    pub fn into_epoch(self, epoch: u64) -> Epoch<P, Self> {
+        Epoch::new(self, epoch)
+    }
+}
+
+impl<P: Buffers> Drop for Pipeline<P> {
+    /// Closes the job channel and joins every worker.
+    fn drop(&mut self) {
+        self.jobs = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// One epoch's batches, in order, from a pipeline it borrows (`L = &mut Pipeline`) or owns.
+/// If this is the first epoch asked of the pipeline and its start named it, the first batches
+/// are skipped; every other epoch is whole. Dropping it early waits for the batches in
+/// progress and gives their buffers back.
+pub struct Epoch<P: Buffers, L: BorrowMut<Pipeline<P>>> {
+    pipeline: L,
+    epoch: u64,
+    batches: Vec<Vec<usize>>,
+    dispatched: usize,
+    yielded: usize,
+    ready: BTreeMap<usize, Done<P::Buffer>>,
+    failed: bool,
+}
+
+impl<P: Buffers, L: BorrowMut<Pipeline<P>>> Epoch<P, L> {
+    fn new(mut pipeline: L, epoch: u64) -> Self {
+        let p = pipeline.borrow_mut();
+        let skip = match p.skip.take() {
+            Some((start, skip)) if start == epoch => skip,
+            _ => 0,
+        };
+        p.next_epoch = epoch + 1;
+        let batches = p.sampler.batches(epoch);
+        Epoch {
+            pipeline,
+            epoch,
+            batches,
+            dispatched: skip,
+            yielded: skip,
+            ready: BTreeMap::new(),
+            failed: false,
+        }
+    }
+
+    /// The epoch number.
+    pub fn number(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Batches of this epoch yielded so far (those skipped at a resume included).
+    pub fn position(&self) -> usize {
+        self.yielded
+    }
+
+    /// Batches of this epoch not yet yielded.
+    pub fn remaining(&self) -> usize {
+        if self.failed { 0 } else { self.batches.len() - self.yielded }
+    }
+
+    /// The pipeline.
+    pub fn pipeline(&self) -> &Pipeline<P> {
+        self.pipeline.borrow()
+    }
+
+    /// The pipeline, to reach its buffers.
+    pub fn pipeline_mut(&mut self) -> &mut Pipeline<P> {
+        self.pipeline.borrow_mut()
+    }
+
+    /// The next batch, waiting as long as it takes.
+    pub fn next_batch(&mut self) -> Option<Result<Filled<P::Buffer>>> {
+        match self.poll_next(None) {
+            Poll::Ready(next) => next,
+            Poll::Pending => unreachable!("no deadline, no timeout"),
+        }
+    }
+
+    /// The next batch, or `Pending` if it is not ready within `timeout` (`None`: wait as long
+    /// as it takes). A front that must stay responsive (Python's Ctrl-C) polls with a short
+    /// timeout and calls again.
+    pub fn poll_next(&mut self, timeout: Option<Duration>) -> Poll<Option<Result<Filled<P::Buffer>>>> {
+        if self.failed || self.yielded >= self.batches.len() {
+            return Poll::Ready(None);
+        }
+        self.dispatch();
+        let done = match self.wait_for(self.yielded, timeout.map(|t| Instant::now() + t)) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(done)) => done,
+            Poll::Ready(Err(e)) => {
+                self.failed = true;
+                return Poll::Ready(Some(Err(e)));
+            }
+        };
+        self.yielded += 1;
+        if let Err(e) = done.result {
+            self.failed = true;
+            self.pipeline.borrow_mut().buffers.give_back(done.filled.buffer);
+            return Poll::Ready(Some(Err(e)));
+        }
+        // Refill before handing over, so the workers run while the consumer computes.
+        self.dispatch();
+        Poll::Ready(Some(Ok(done.filled)))
+    }
+
+    /// Keeps `prefetch` batches on their way.
+    fn dispatch(&mut self) {
+        let p = self.pipeline.borrow_mut();
+        while self.dispatched < self.batches.len() && self.dispatched - self.yielded < p.prefetch {
+            let job = Job {
+                seq: self.dispatched,
+                epoch: self.epoch,
+                indices: std::mem::take(&mut self.batches[self.dispatched]),
+                buffer: p.buffers.take(),
+            };
+            self.dispatched += 1;
+            match &p.jobs {
+                Some(jobs) if !p.workers.is_empty() => {
+                    jobs.send(job).expect("workers outlive the pipeline's job channel");
+                }
+                _ => {
+                    let done = p.recipe.run(job, &mut Vec::new());
+                    self.ready.insert(done.filled.step, done);
+                }
+            }
+        }
+    }
+
+    fn wait_for(&mut self, seq: usize, deadline: Option<Instant>) -> Poll<Result<Done<P::Buffer>>> {
+        let gone = || Error::Worker { index: 0, msg: "every loader worker has exited".into() };
+        loop {
+            if let Some(done) = self.ready.remove(&seq) {
+                return Poll::Ready(Ok(done));
+            }
+            let done = &self.pipeline.borrow().done;
+            let done = match deadline {
+                None => done.recv().map_err(|_| gone()),
+                Some(d) => match done.recv_deadline(d) {
+                    Ok(done) => Ok(done),
+                    Err(RecvTimeoutError::Timeout) => return Poll::Pending,
+                    Err(RecvTimeoutError::Disconnected) => Err(gone()),
+                },
+            };
+            match done {
+                Ok(done) => {
+                    self.ready.insert(done.filled.step, done);
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl<P: Buffers, L: BorrowMut<Pipeline<P>>> Iterator for Epoch<P, L> {
+    type Item = Result<Filled<P::Buffer>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_batch()
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.remaining(), Some(self.remaining()))
+    }
+}
+
+impl<P: Buffers, L: BorrowMut<Pipeline<P>>> Drop for Epoch<P, L> {
+    /// Collects the batches still in the workers' hands, so the next epoch starts clean.
+    fn drop(&mut self) {
+        let mut outstanding = self.dispatched - self.yielded - self.ready.len();
+        let ready = std::mem::take(&mut self.ready);
+        let p = self.pipeline.borrow_mut();
+        for (_, done) in ready {
+            p.buffers.give_back(done.filled.buffer);
+        }
+        while outstanding > 0 {
+            match p.done.recv() {
+                Ok(done) => {
+                    p.buffers.give_back(done.filled.buffer);
+                    outstanding -= 1;
+                }
+                Err(_) => break,
+            }
+        }
+    }
+}

@@ -183,16 +183,24 @@ def bench_loader(args):
     def add(key, result):
         rows.setdefault(key, []).append(result)
 
-    for _ in range(args.reps):
+    for rep in range(args.reps):
         for b in args.batch_sizes:
             # About a second or more of work for each contender, whatever its speed.
             ref_images = {4: 8000, 32: 16000}.get(b, 24000)
             for w in args.workers:
-                add(("reference", b, w), json_line([sys.executable, REFERENCE, "--root", os.path.join(data, "py"),
-                                                    "--batch-size", str(b), "--workers", str(w), "--mode", "load",
-                                                    "--steps", str(ref_images // b), "--json"]))
-                add(("loader", b, w), json_line([exe, "--data", data, "--mode", "loader", "--batch-size", str(b),
-                                                 "--workers", str(w), "--images", str(args.images)]))
+                runs = [("reference", [sys.executable, REFERENCE, "--root", os.path.join(data, "py"),
+                                       "--batch-size", str(b), "--workers", str(w), "--mode", "load",
+                                       "--steps", str(ref_images // b), "--json"]),
+                        ("loader", [exe, "--data", data, "--mode", "loader", "--batch-size", str(b),
+                                    "--workers", str(w), "--images", str(args.images)])]
+                if args.baseline:
+                    # Another build of this benchmark (an earlier commit's), run beside this one.
+                    runs.append(("before", [os.path.abspath(args.baseline), *runs[1][1][1:]]))
+                # Rotated each rep: what one run leaves behind (the reference's exiting worker
+                # processes, a warm cache) falls on each contender alike.
+                k = rep % len(runs)
+                for name, cmd in runs[k:] + runs[:k]:
+                    add((name, b, w), json_line(cmd))
             add(("tchrs", b, 0), json_line([exe, "--data", data, "--mode", "tchrs", "--batch-size", str(b),
                                             "--images", str(args.images)]))
             add(("memcpy", b, 0), json_line([exe, "--data", data, "--mode", "memcpy", "--batch-size", str(b),
@@ -214,6 +222,15 @@ def bench_loader(args):
             budget = 4 * b * 3072 * 4 / 1e6 + 32
             print(f"| {b} | {w} | {first[('loader', b, w)]:.1f} | {rss[('loader', b, w)]:.1f} | {budget:.1f} | "
                   f"{first[('tchrs', b, 0)]:.0f} | {rss[('tchrs', b, 0)]:.0f} |")
+    if args.baseline:
+        print(f"\nthis loader against `{args.baseline}`, the same runs (images/s, median of {args.reps})\n")
+        print("| B | workers | before | after | after ÷ before |")
+        print("|---:|---:|---:|---:|---:|")
+        for b in args.batch_sizes:
+            for w in args.workers:
+                after = [r["images_per_s"] for r in rows[("loader", b, w)]]
+                before = [r["images_per_s"] for r in rows[("before", b, w)]]
+                print(f"| {b} | {w} | {median(before):,.0f} | {median(after):,.0f} | {ratio(after, before):.3f} |")
     print("\nall runs:", json.dumps({"/".join(map(str, k)): [r["images_per_s"] for r in v] for k, v in rows.items()}))
 
 
@@ -406,15 +423,88 @@ def bench_ddp(args):
     print("\nall runs:", json.dumps({"/".join(map(str, k)): [round(r["images_per_s"]) for r in v] for k, v in rows.items()}))
 
 
+def bench_python(args):
+    """The Python package: its loader alone beside torchvision's DataLoader and the Rust loader,
+    and the tutorial's loop over it beside the tutorial's loader and batches in memory."""
+    data = args.data
+    ensure_data(data)
+    sh([os.path.join(ROOT, "tools", "install-python")])
+    rust = bench_exe("loader")
+    warm(os.path.join(data, "cifar10-train.safetensors"))
+    script = os.path.join(ROOT, "tools", "bench_python.py")
+    loads = {4: (8000, 200000), 32: (16000, 400000), 256: (24000, 400000)}
+    steps = {4: (1500, 1500), 32: (300, 600), 256: (40, 80)}
+
+    def py(*a):
+        return json_line([sys.executable, script, *map(str, a), "--data", data])
+
+    def loader_contenders(b):
+        theirs, ours = loads.get(b, (24000, 400000))
+        return [
+            ("torch/1", lambda: py("loader", "--impl", "torch", "--batch-size", b, "--workers", 1, "--images", theirs)),
+            ("torch/2", lambda: py("loader", "--impl", "torch", "--batch-size", b, "--workers", 2, "--images", theirs)),
+            ("ours/2", lambda: py("loader", "--impl", "ours", "--batch-size", b, "--workers", 2, "--images", ours)),
+            ("rust/2", lambda: json_line([rust, "--data", data, "--mode", "loader", "--batch-size", str(b),
+                                          "--workers", "2", "--images", str(ours)])),
+        ]
+
+    def loop_contenders(b):
+        theirs, ours = steps.get(b, (40, 80))
+        return [
+            ("torch", lambda: py("loop", "--impl", "torch", "--batch-size", b, "--workers", 1, "--steps", theirs)),
+            ("ours", lambda: py("loop", "--impl", "ours", "--batch-size", b, "--workers", 2, "--steps", ours)),
+            ("memory", lambda: py("loop", "--impl", "memory", "--batch-size", b, "--steps", ours)),
+        ]
+
+    rows = {}
+    for rep in range(args.reps):
+        for b in args.batch_sizes:
+            for kind, contenders in (("loader", loader_contenders(b)), ("loop", loop_contenders(b))):
+                k = rep % len(contenders)
+                for name, run in contenders[k:] + contenders[:k]:
+                    rows.setdefault((kind, name, b), []).append(run())
+
+    def values(kind, name, b, key="images_per_s"):
+        return [r[key] for r in rows[(kind, name, b)]]
+
+    def med(kind, name, b, key="images_per_s"):
+        return median(values(kind, name, b, key))
+
+    print(f"\nThe loader alone (images/s, median of {args.reps} interleaved runs; ratios: median of the ratios "
+          "within each rep)\n")
+    print("| B | torch DataLoader(num_workers=1) | (num_workers=2) | cifar_fast.DataLoader(num_workers=2) "
+          "| × torch (2) | Rust Loader (2 workers) | % of Rust | cifar_fast: first batch |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for b in args.batch_sizes:
+        ours = values("loader", "ours/2", b)
+        print(f"| {b} | {med('loader', 'torch/1', b):,.0f} | {med('loader', 'torch/2', b):,.0f} | {median(ours):,.0f} "
+              f"| {ratio(ours, values('loader', 'torch/2', b)):.0f}× | {med('loader', 'rust/2', b):,.0f} "
+              f"| {100 * ratio(ours, values('loader', 'rust/2', b)):.0f}% "
+              f"| {med('loader', 'ours/2', b, 'first_batch_ms'):.0f} ms |")
+    print(f"\nThe tutorial's loop (its net, SGD, 2 torch threads, CPU; images/s, median of {args.reps})\n")
+    print("| B | over torchvision + DataLoader(num_workers=1) | over cifar_fast.DataLoader(num_workers=2) "
+          "| over batches in memory (bound) | % of bound | data wait |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for b in args.batch_sizes:
+        ours = values("loop", "ours", b)
+        print(f"| {b} | {med('loop', 'torch', b):,.0f} | {median(ours):,.0f} | {med('loop', 'memory', b):,.0f} "
+              f"| {100 * ratio(ours, values('loop', 'memory', b)):.0f}% "
+              f"| {100 * med('loop', 'ours', b, 'data_wait_share'):.2f}% |")
+    print("\nall runs:", json.dumps({"/".join(map(str, k)): [round(r["images_per_s"]) for r in v]
+                                    for k, v in rows.items()}))
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["prep", "loader", "train", "accuracy", "busy", "ddp"])
+    ap.add_argument("what", choices=["prep", "loader", "train", "accuracy", "busy", "ddp", "python"])
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--data", default=os.path.join(ROOT, "data"))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--batch-sizes", type=int, nargs="+", help="default: 4 32 256 (ddp: 32 256, accuracy: 4 32)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--baseline", metavar="EXE", help="train: another cifar-train build to set beside this one")
+    ap.add_argument("--baseline", metavar="EXE",
+                    help="train: another cifar-train build to set beside this one; loader: another build of "
+                         "benches/loader")
     ap.add_argument("--images", type=int, default=200000)
     ap.add_argument("--part", choices=["all", "cifar", "folder"], default="all",
                     help="prep: the CIFAR tarball, the image folder, or both")
@@ -422,7 +512,7 @@ def main():
     args.data = os.path.abspath(args.data)
     args.batch_sizes = args.batch_sizes or {"ddp": [32, 256], "accuracy": [4, 32]}.get(args.what, [4, 32, 256])
     {"prep": bench_prep, "loader": bench_loader, "train": bench_train, "accuracy": bench_accuracy,
-     "busy": bench_busy, "ddp": bench_ddp}[args.what](args)
+     "busy": bench_busy, "ddp": bench_ddp, "python": bench_python}[args.what](args)
 
 
 if __name__ == "__main__":

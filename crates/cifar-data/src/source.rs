@@ -162,18 +162,22 @@ impl Source for Pixels {
             }
             self.file.read_image(index, bytes)?;
             let side = out.len() / 3;
-            for (k, (o, &v)) in out.iter_mut().zip(stored.iter()).enumerate() {
-                let c = (k / side.max(1)).min(2);
-                let pixel = self.stored.pixel(c, v).ok_or_else(|| {
-                    crate::Error::format(
-                        self.file.path(),
-                        format!(
-                            "sample {index} holds {v}, which is no 8-bit pixel normalized by the file's \
-                             mean and std"
-                        ),
-                    )
-                })?;
-                *o = self.wanted.value(c, pixel);
+            for c in 0..3 {
+                let plane = c * side..(c + 1) * side;
+                for (o, &v) in out[plane.clone()].iter_mut().zip(&stored[plane]) {
+                    match self.stored.pixel(c, v) {
+                        Some(pixel) => *o = self.wanted.value(c, pixel),
+                        None => {
+                            return Err(crate::Error::format(
+                                self.file.path(),
+                                format!(
+                                    "sample {index} holds {v}, which is no 8-bit pixel normalized by the \
+                                     file's mean and std"
+                                ),
+                            ));
+                        }
+                    }
+                }
             }
             Ok(())
         })?;

@@ -48,6 +48,8 @@ impl StoreDtype {
 #[derive(Clone)]
 pub struct Normalize {
     lut: [[f32; 256]; CHANNELS],
+    /// Per channel, the value of pixel 0 and pixels per unit of value: the inverse map's guess.
+    inverse: [(f32, f32); CHANNELS],
 }
 
 impl Normalize {
@@ -59,7 +61,8 @@ impl Normalize {
                 *v = (x as f32 / 255.0 - mean[c]) / std[c];
             }
         }
-        Normalize { lut }
+        let inverse = std::array::from_fn(|c| (lut[c][0], 255.0 / (lut[c][255] - lut[c][0])));
+        Normalize { lut, inverse }
     }
 
     /// Pixel `x`'s normalized value in channel `c`.
@@ -74,11 +77,19 @@ impl Normalize {
         // Normalizing is increasing for a positive std: invert it, round, then check, so only
         // exact values pass (a std of 0 or below, or NaN, leaves no pixel to find).
         let table = &self.lut[c];
-        let (lo, hi) = (table[0], table[255]);
-        let x = ((v - lo) / (hi - lo) * 255.0).round();
-        let x = if (0.0..=255.0).contains(&x) { x as usize } else { return None };
-        // Rounding in the division can land one off: look at the neighbours too.
-        [x, x.saturating_sub(1), (x + 1).min(255)].into_iter().find(|&x| table[x] == v).map(|x| x as u8)
+        let (lo, per) = self.inverse[c];
+        // Rounded by adding a half and truncating: `f32::round` is a libm call, and this runs for
+        // every value of an image.
+        let guess = (v - lo) * per + 0.5;
+        if !(0.0..256.0).contains(&guess) {
+            return None;
+        }
+        let x = guess as usize;
+        if table[x] == v {
+            return Some(x as u8);
+        }
+        // Rounding in the guess can land one off.
+        [x.saturating_sub(1), (x + 1).min(255)].into_iter().find(|&x| table[x] == v).map(|x| x as u8)
     }
 
     /// Normalizes one planar `[3, H, W]` image into `out` (as long as `pixels`).

@@ -1,0 +1,166 @@
+"""torchvision transforms as the native pipeline runs them.
+
+The workers run no Python: a transform is read once, here, into the few numbers the Rust side
+needs (a normalization, a padded crop and its fill, a flip). What cannot be read so is refused
+with a ``TypeError`` naming it, rather than run differently.
+"""
+
+import math
+import struct
+
+SUPPORTED = (
+    "ToTensor(), Normalize(mean, std), RandomCrop(size, padding=P, padding_mode=..., fill=...), "
+    "RandomHorizontalFlip(), torchvision.transforms.v2's ToImage() and ToDtype(torch.float32, "
+    "scale=True), in a Compose"
+)
+
+MODES = ("constant", "edge", "reflect", "symmetric")
+
+
+def _f32(x):
+    """`x` rounded to float32, as torch holds it."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+class Native:
+    """What the workers do to each sample: `norm` (mean, std of pixel / 255, or None for the
+    data's own), a crop after `crop_padding` pixels of `padding_mode` padding whose constant is
+    `fill` (normalized), and a coin-flip mirror."""
+
+    def __init__(self, norm=None, crop_padding=0, padding_mode="constant", fill=(0.0, 0.0, 0.0), flip=False):
+        self.norm = norm
+        self.crop_padding = crop_padding
+        self.padding_mode = padding_mode
+        self.fill = tuple(fill)
+        self.flip = flip
+
+    def kwargs(self):
+        return dict(norm=self.norm, crop_padding=self.crop_padding, padding_mode=self.padding_mode,
+                    fill=list(self.fill), flip=self.flip)
+
+
+def _steps(transform):
+    if transform is None:
+        return []
+    inner = getattr(transform, "transforms", None)
+    if type(transform).__name__ == "Compose" and isinstance(inner, (list, tuple)):
+        return [s for t in inner for s in _steps(t)]
+    return [transform]
+
+
+def _describe(t):
+    try:
+        return repr(t)
+    except Exception:  # a user's object whose repr fails still gets named
+        return type(t).__name__
+
+
+def _refuse(t, why=""):
+    return TypeError(f"transform {_describe(t)} is not run by cifar_fast{': ' + why if why else ''}; "
+                     f"supported: {SUPPORTED}")
+
+
+def _triple(name, values):
+    if isinstance(values, (int, float)):
+        values = [values]
+    values = [float(v) for v in values]
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3:
+        raise ValueError(f"Normalize {name} has {len(values)} values; the images have 3 channels")
+    return values
+
+
+def _side(size, what):
+    if isinstance(size, int):
+        return (size, size)
+    size = tuple(size)
+    if len(size) == 1:
+        return (size[0], size[0])
+    if len(size) == 2:
+        return size
+    raise ValueError(f"RandomCrop {what} {size}: one or two numbers")
+
+
+def parse(transform, shape, default_norm):
+    """`transform` (a torchvision transform, a Compose of them, or None) as a `Native`, for
+    samples of `shape` `(C, H, W)`. Without ToTensor the samples are still float tensors, as if
+    it ended the pipeline; without Normalize they are normalized by `default_norm`."""
+    space = "pixels"  # what the values are at this step: 0..255, then 0..1, then normalized
+    norm = None
+    crop = None
+    flip = False
+    for t in _steps(transform):
+        cls = type(t)
+        name = cls.__name__
+        if not cls.__module__.startswith("torchvision.transforms"):
+            raise _refuse(t, "no Python code runs on the workers")
+        if name in ("ToTensor", "PILToTensor", "ToImage") or (name == "ToDtype" and _scales_to_float(t)):
+            if name in ("ToTensor",) or name == "ToDtype":
+                space = "unit" if space == "pixels" else space
+            continue
+        if name == "Normalize":
+            if space != "unit":
+                raise TypeError(f"transform {_describe(t)}: Normalize needs float tensors in 0..1; "
+                                "put ToTensor() before it")
+            if norm is not None:
+                raise _refuse(t, "one Normalize is run natively")
+            mean, std = _triple("mean", t.mean), _triple("std", t.std)
+            if any(not (s > 0) or math.isinf(s) for s in std):
+                raise ValueError(f"Normalize std {std}: every value must be positive")
+            norm = (mean, std)
+            space = "normalized"
+        elif name == "RandomCrop":
+            if crop is not None:
+                raise _refuse(t, "one RandomCrop is run natively")
+            if tuple(_side(t.size, "size")) != tuple(shape[1:]):
+                raise _refuse(t, f"it crops to {tuple(t.size) if not isinstance(t.size, int) else t.size}, "
+                                 f"the images are {shape[1]}x{shape[2]}: only a crop back to the image's size "
+                                 "(after padding) is run natively")
+            padding = t.padding if t.padding is not None else 0
+            pads = [padding] if isinstance(padding, int) else list(padding)
+            if len(set(pads)) != 1 or not isinstance(pads[0], int) or pads[0] < 0:
+                raise _refuse(t, f"padding {padding}: the same number of pixels on every side is run natively")
+            mode = getattr(t, "padding_mode", "constant")
+            if mode not in MODES:
+                raise ValueError(f"RandomCrop padding_mode {mode!r}: one of {', '.join(MODES)}")
+            fill = t.fill
+            if isinstance(fill, dict):
+                raise _refuse(t, "a fill per input type")
+            fill = [0.0] * 3 if fill is None else _triple("fill", fill)
+            crop = (pads[0], mode, fill, space)
+        elif name == "RandomHorizontalFlip":
+            p = float(getattr(t, "p", 0.5))
+            if p == 0.5:
+                flip = True
+            elif p != 0.0:
+                raise _refuse(t, f"p={p}: a flip with probability 0.5 (or 0) is run natively")
+        else:
+            raise _refuse(t)
+    norm = norm or default_norm
+    native = Native(norm=norm)
+    if crop is not None:
+        padding, mode, fill, space = crop
+        native.crop_padding = padding
+        native.padding_mode = mode
+        native.fill = tuple(_normalized_fill(fill, space, norm))
+    native.flip = flip
+    return native
+
+
+def _scales_to_float(t):
+    dtype = getattr(t, "dtype", None)
+    return bool(getattr(t, "scale", False)) and "float32" in str(dtype)
+
+
+def _normalized_fill(fill, space, norm):
+    """`fill`, given where the crop stood (`space`), as the normalized value torch computes for it:
+    float32 arithmetic in torch's order (pixel / 255, minus the mean, over the std)."""
+    if space == "normalized":
+        return [_f32(f) for f in fill]
+    mean, std = norm if norm is not None else ([0.0] * 3, [1.0] * 3)
+    out = []
+    for f, m, s in zip(fill, mean, std):
+        x = _f32(_f32(f) / 255.0) if space == "pixels" else _f32(f)
+        out.append(_f32(_f32(x - _f32(m)) / _f32(s)))
+    return out

@@ -27,7 +27,7 @@ use dlpark::{DlpackFlags, Managed, ManagedTensorBase};
 use pyo3::create_exception;
 use pyo3::exceptions::{
     PyFileNotFoundError, PyIndexError, PyKeyboardInterrupt, PyOSError, PyPermissionError, PyRuntimeError,
-    PyValueError,
+    PyTypeError, PyValueError,
 };
 use pyo3::prelude::*;
 
@@ -116,7 +116,8 @@ fn augment(crop_padding: usize, padding_mode: &str, fill: [f32; 3], flip: bool) 
 impl Dataset {
     /// A prepared tensor file, read as pixels normalized by `norm` (`None`: the file's own).
     #[staticmethod]
-    #[pyo3(signature = (path, norm, crop_padding=0, padding_mode="constant", fill=[0.0; 3], flip=false))]
+    #[pyo3(signature = (path, norm, crop_padding=0, padding_mode="constant", fill=[0.0; 3], flip=false, crop_size=None))]
+    #[allow(clippy::too_many_arguments)] // one per Python keyword
     fn tensor_file(
         py: Python<'_>,
         path: PathBuf,
@@ -125,10 +126,11 @@ impl Dataset {
         padding_mode: &str,
         fill: [f32; 3],
         flip: bool,
+        crop_size: Option<(usize, usize)>,
     ) -> PyResult<Dataset> {
         let augment = augment(crop_padding, padding_mode, fill, flip)?;
         let pixels = py.detach(|| Pixels::open(&path, norm)).map_err(to_py)?;
-        check_crop(&pixels, crop_padding)?;
+        check_crop(&pixels, crop_padding, crop_size)?;
         let labels = pixels.labels().to_vec();
         Ok(Dataset::new(Arc::new(pixels), labels, augment, path))
     }
@@ -136,7 +138,7 @@ impl Dataset {
     /// An image folder (`root/<class>/<image>`), decoded by the workers, at `size` (`(width,
     /// height)`; `None`: 32×32), resized to it or refused when another size (`resize`).
     #[staticmethod]
-    #[pyo3(signature = (root, norm, size=None, resize=false, crop_padding=0, padding_mode="constant", fill=[0.0; 3], flip=false))]
+    #[pyo3(signature = (root, norm, size=None, resize=false, crop_padding=0, padding_mode="constant", fill=[0.0; 3], flip=false, crop_size=None))]
     #[allow(clippy::too_many_arguments)] // one per Python keyword
     fn image_folder(
         py: Python<'_>,
@@ -148,6 +150,7 @@ impl Dataset {
         padding_mode: &str,
         fill: [f32; 3],
         flip: bool,
+        crop_size: Option<(usize, usize)>,
     ) -> PyResult<Dataset> {
         let augment = augment(crop_padding, padding_mode, fill, flip)?;
         let (mean, std) = norm.unwrap_or(([0.0; 3], [1.0; 3]));
@@ -161,7 +164,7 @@ impl Dataset {
         if resize {
             folder = folder.policy(SizePolicy::Resize);
         }
-        check_crop(&folder, crop_padding)?;
+        check_crop(&folder, crop_padding, crop_size)?;
         let labels = folder.samples().iter().map(|(_, l)| *l).collect();
         Ok(Dataset::new(Arc::new(folder), labels, augment, root))
     }
@@ -231,9 +234,19 @@ impl Dataset {
     }
 }
 
-/// A crop wider than the image would read outside it: refused up front.
-fn check_crop(source: &dyn Source, padding: usize) -> PyResult<()> {
+/// A RandomCrop of `size` (`(h, w)`) after `padding`, checked against the images: the native
+/// crop gives back the image's size, and a padding as wide as the image would read outside it.
+fn check_crop(source: &dyn Source, padding: usize, size: Option<(usize, usize)>) -> PyResult<()> {
     let [_, h, w] = source.sample_shape();
+    if let Some((ch, cw)) = size
+        && (ch, cw) != (h, w)
+    {
+        return Err(PyTypeError::new_err(format!(
+            "transform RandomCrop({ch}, {cw}) is not run by cifar_fast: it crops to {ch}x{cw}, the images are \
+             {h}x{w}: only a crop back to the image's size (after padding) is run natively; supported: see \
+             cifar_fast.SUPPORTED_TRANSFORMS"
+        )));
+    }
     if padding > 0 && padding >= h.min(w) {
         return Err(PyValueError::new_err(format!(
             "RandomCrop padding {padding} must be smaller than the images' {w}x{h}"

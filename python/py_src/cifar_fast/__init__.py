@@ -105,15 +105,7 @@ class _Dataset:
 
 def _open_file(path, transform, default_norm):
     import os
-    shape = _shape_of(path)
-    native = _parse(transform, shape, default_norm)
-    return _native.Dataset.tensor_file(os.fspath(path), **native.kwargs())
-
-
-def _shape_of(path):
-    """A tensor file's sample shape, read from its header (the transform is checked against it)."""
-    import os
-    return tuple(_native.Dataset.tensor_file(os.fspath(path), None).shape)
+    return _native.Dataset.tensor_file(os.fspath(path), **_parse(transform, default_norm).kwargs())
 
 
 class TensorFile(_Dataset):
@@ -161,7 +153,7 @@ class ImageFolder(_Dataset):
     def __init__(self, root, transform=None, size=None, resize=False, output=None):
         import os
         w, h = (32, 32) if size is None else (_check_int("size", size[0], 1), _check_int("size", size[1], 1))
-        native = _parse(transform, (3, h, w), _TO_TENSOR)
+        native = _parse(transform, _TO_TENSOR)
         super().__init__(_native.Dataset.image_folder(os.fspath(root), size=(w, h), resize=bool(resize),
                                                       **native.kwargs()), transform, output)
 

@@ -27,8 +27,10 @@ class Native:
     data's own), a crop after `crop_padding` pixels of `padding_mode` padding whose constant is
     `fill` (normalized), and a coin-flip mirror."""
 
-    def __init__(self, norm=None, crop_padding=0, padding_mode="constant", fill=(0.0, 0.0, 0.0), flip=False):
+    def __init__(self, norm=None, crop_padding=0, padding_mode="constant", fill=(0.0, 0.0, 0.0), flip=False,
+                 crop_size=None):
         self.norm = norm
+        self.crop_size = crop_size
         self.crop_padding = crop_padding
         self.padding_mode = padding_mode
         self.fill = tuple(fill)
@@ -36,7 +38,7 @@ class Native:
 
     def kwargs(self):
         return dict(norm=self.norm, crop_padding=self.crop_padding, padding_mode=self.padding_mode,
-                    fill=list(self.fill), flip=self.flip)
+                    fill=list(self.fill), flip=self.flip, crop_size=self.crop_size)
 
 
 def _steps(transform):
@@ -82,9 +84,10 @@ def _side(size, what):
     raise ValueError(f"RandomCrop {what} {size}: one or two numbers")
 
 
-def parse(transform, shape, default_norm):
-    """`transform` (a torchvision transform, a Compose of them, or None) as a `Native`, for
-    samples of `shape` `(C, H, W)`. Without ToTensor the samples are still float tensors, as if
+def parse(transform, default_norm):
+    """`transform` (a torchvision transform, a Compose of them, or None) as a `Native`. A
+    RandomCrop's size goes along as `crop_size`, checked against the images' where the data is
+    opened. Without ToTensor the samples are still float tensors, as if
     it ended the pipeline; without Normalize they are normalized by `default_norm`."""
     space = "pixels"  # what the values are at this step: 0..255, then 0..1, then normalized
     norm = None
@@ -113,10 +116,7 @@ def parse(transform, shape, default_norm):
         elif name == "RandomCrop":
             if crop is not None:
                 raise _refuse(t, "one RandomCrop is run natively")
-            if tuple(_side(t.size, "size")) != tuple(shape[1:]):
-                raise _refuse(t, f"it crops to {tuple(t.size) if not isinstance(t.size, int) else t.size}, "
-                                 f"the images are {shape[1]}x{shape[2]}: only a crop back to the image's size "
-                                 "(after padding) is run natively")
+            size = tuple(_side(t.size, "size"))
             padding = t.padding if t.padding is not None else 0
             pads = [padding] if isinstance(padding, int) else list(padding)
             if len(set(pads)) != 1 or not isinstance(pads[0], int) or pads[0] < 0:
@@ -128,7 +128,7 @@ def parse(transform, shape, default_norm):
             if isinstance(fill, dict):
                 raise _refuse(t, "a fill per input type")
             fill = [0.0] * 3 if fill is None else _triple("fill", fill)
-            crop = (pads[0], mode, fill, space)
+            crop = (pads[0], mode, fill, space, size)
         elif name == "RandomHorizontalFlip":
             p = float(getattr(t, "p", 0.5))
             if p == 0.5:
@@ -140,7 +140,8 @@ def parse(transform, shape, default_norm):
     norm = norm or default_norm
     native = Native(norm=norm)
     if crop is not None:
-        padding, mode, fill, space = crop
+        padding, mode, fill, space, size = crop
+        native.crop_size = tuple(int(x) for x in size)
         native.crop_padding = padding
         native.padding_mode = mode
         native.fill = tuple(_normalized_fill(fill, space, norm))

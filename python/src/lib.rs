@@ -288,7 +288,8 @@ fn prepare_root(
 /// `cifar-prep` from Python: converts `input` (a CIFAR tarball, an image folder or archive)
 /// into tensor files in `out`, returning `{split: path}`.
 #[pyfunction]
-#[pyo3(signature = (input, out, dtype="f32", norm=None, dataset_stats=false, size=None, name=None, force=false))]
+#[pyo3(signature = (input, out, dtype="f32", norm=None, dataset_stats=false, size=None, name=None, force=false,
+                    max_image_pixels=cifar_data::prep::image::MAX_IMAGE_PIXELS))]
 #[allow(clippy::too_many_arguments)] // one per Python keyword
 fn prepare(
     py: Python<'_>,
@@ -300,6 +301,7 @@ fn prepare(
     size: Option<(u32, u32)>,
     name: Option<String>,
     force: bool,
+    max_image_pixels: u64,
 ) -> PyResult<Vec<(String, PathBuf)>> {
     use cifar_data::prep::{Norm as PrepNorm, PrepOptions, StoreDtype};
     let dtype = match dtype {
@@ -318,7 +320,10 @@ fn prepare(
     {
         return Err(PyValueError::new_err(format!("norm std {std:?}: every value must be positive")));
     }
-    let opts = PrepOptions { dtype, norm, force, size: size.map(|(w, h)| (h, w)), name };
+    if max_image_pixels == 0 {
+        return Err(PyValueError::new_err("max_image_pixels must be at least 1"));
+    }
+    let opts = PrepOptions { dtype, norm, force, size: size.map(|(w, h)| (h, w)), name, max_image_pixels };
     let summary = py
         .detach(|| cifar_data::prep::prepare(&input, &out, &opts, &indicatif::ProgressBar::new(0)))
         .map_err(to_py)?;

@@ -43,6 +43,11 @@ struct Args {
     /// Image folders: name the files NAME-<split>.safetensors (default: the folder's name).
     #[arg(long)]
     name: Option<String>,
+    /// Image folders: refuse an image that declares more pixels than this (a decompression
+    /// bomb). The default is Pillow's MAX_IMAGE_PIXELS.
+    #[arg(long, value_name = "N", default_value_t = prep::image::MAX_IMAGE_PIXELS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_image_pixels: u64,
     /// Convert even when the output is up to date.
     #[arg(long)]
     force: bool,
@@ -250,6 +255,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         force: args.force,
         size: args.size,
         name: args.name.clone(),
+        max_image_pixels: args.max_image_pixels,
     };
     let pb = common::progress_bar(0, "convert");
     let summary = prep::prepare(&input, &args.out, &opts, &pb)?;

@@ -440,11 +440,7 @@ fn announce(cfg: &TrainConfig, group: Option<&ProcessGroup>, pinned: Option<&[us
 /// The tutorial's closing lines (accuracy overall and per class), then where the time went.
 fn summarize(s: &Summary, cfg: &TrainConfig) {
     if let Some(e) = &s.eval {
-        say!(
-            "Accuracy of the network on the {} test images: {:.1} %",
-            e.confusion.iter().flatten().sum::<u64>(),
-            100.0 * e.accuracy
-        );
+        say!("Accuracy of the network on the {} test images: {:.1} %", e.total, 100.0 * e.accuracy);
         for (c, a) in s.classes.iter().zip(&e.per_class) {
             say!("Accuracy for class: {c:10} is {:.1} %", 100.0 * a);
         }

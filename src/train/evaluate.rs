@@ -18,9 +18,15 @@ pub struct Evaluation {
     pub accuracy: f64,
     /// Per class, in label order.
     pub per_class: Vec<f64>,
-    /// `confusion[true][predicted]` counts.
+    /// Test samples counted.
+    pub total: u64,
+    /// `confusion[true][predicted]` counts; empty above [`MAX_CONFUSION_CLASSES`] classes.
     pub confusion: Vec<Vec<u64>>,
 }
+
+/// The most classes whose confusion matrix is kept (8 MB of counts): it grows with their square,
+/// so above it only each class's correct and total are (the chart and the metrics go without).
+pub const MAX_CONFUSION_CLASSES: usize = 1000;
 
 /// How to evaluate.
 #[derive(Debug, Clone, Copy)]
@@ -68,7 +74,10 @@ impl Eval<'_> {
         let (rank, world) = group.map_or((0, 1), |g| (g.rank(), g.world()));
         // Predictions range over the model's classes, which a test split may not all hold.
         let classes = classes.max(super::splits::class_count(test));
-        let mut confusion = vec![vec![0u64; classes]; classes];
+        let square = if classes <= MAX_CONFUSION_CLASSES { classes } else { 0 };
+        let mut confusion = vec![vec![0u64; square]; square];
+        // Per class: correct, total.
+        let mut counts = vec![[0u64; 2]; classes];
         // The split opened once by the run, not re-opened and re-validated every epoch.
         let mut loader = Loader::builder_arc(test.clone())
             .batch_size(self.batch_size)
@@ -88,25 +97,40 @@ impl Eval<'_> {
                 let pred = Vec::<i64>::try_from(&pred).expect("i64 predictions");
                 let truth = Vec::<i64>::try_from(&b.labels.to_device(Device::Cpu)).expect("i64 labels");
                 for (t, p) in truth.into_iter().zip(pred) {
-                    confusion[t as usize][p as usize] += 1;
+                    counts[t as usize][0] += (t == p) as u64;
+                    counts[t as usize][1] += 1;
+                    if square > 0 {
+                        confusion[t as usize][p as usize] += 1;
+                    }
                 }
             }
             Ok(())
         })?;
         if let Some(g) = group {
-            let counts: Vec<f64> = confusion.iter().flatten().map(|&c| c as f64).collect();
-            let sum = Tensor::from_slice(&counts).to_device(g.device());
+            let all: Vec<f64> =
+                counts.iter().flatten().chain(confusion.iter().flatten()).map(|&c| c as f64).collect();
+            let sum = Tensor::from_slice(&all).to_device(g.device());
             g.all_reduce_sum(&sum)?;
             let sum = Vec::<f64>::try_from(sum.to_device(Device::Cpu)).expect("f64 counts");
-            for (c, v) in confusion.iter_mut().flatten().zip(sum) {
+            for (c, v) in counts.iter_mut().flatten().chain(confusion.iter_mut().flatten()).zip(sum) {
                 *c = v as u64;
             }
         }
-        Ok(Evaluation::of(confusion))
+        Ok(Evaluation::of_counts(&counts, confusion))
     }
 }
 
 impl Evaluation {
+    /// The accuracies that each class's `[correct, total]` give (0 for a class with no
+    /// samples), with the confusion matrix (or none) they came with.
+    fn of_counts(counts: &[[u64; 2]], confusion: Vec<Vec<u64>>) -> Evaluation {
+        let total: u64 = counts.iter().map(|c| c[1]).sum();
+        let correct: u64 = counts.iter().map(|c| c[0]).sum();
+        let per_class =
+            counts.iter().map(|&[ok, n]| if n == 0 { 0.0 } else { ok as f64 / n as f64 }).collect();
+        Evaluation { accuracy: correct as f64 / total.max(1) as f64, per_class, total, confusion }
+    }
+
     /// The accuracies a confusion matrix gives (0 for a class with no samples).
     pub fn of(confusion: Vec<Vec<u64>>) -> Evaluation {
         let total: u64 = confusion.iter().flatten().sum();
@@ -119,6 +143,6 @@ impl Evaluation {
                 if n == 0 { 0.0 } else { row[c] as f64 / n as f64 }
             })
             .collect();
-        Evaluation { accuracy: correct as f64 / total.max(1) as f64, per_class, confusion }
+        Evaluation { accuracy: correct as f64 / total.max(1) as f64, per_class, total, confusion }
     }
 }

@@ -27,6 +27,19 @@ impl ModelKind {
     }
 }
 
+impl ModelKind {
+    /// The image sides (height and width, each) the net takes, smallest and largest: the LeNet's
+    /// first linear layer is sized for 32×32; airbench's head for one 3×3 pool window after
+    /// its 2×2 whitening and three halvings; the ResNet pools adaptively.
+    pub fn sides(self) -> std::ops::RangeInclusive<usize> {
+        match self {
+            ModelKind::Lenet => 32..=32,
+            ModelKind::Airbench => 25..=48,
+            ModelKind::Resnet => 4..=usize::MAX,
+        }
+    }
+}
+
 /// `vs`'s variables sorted by name: the one order of the optimizer's flat buffer, checkpoints,
 /// the lookahead average and the ranks' broadcasts.
 pub fn variables_by_name(vs: &nn::VarStore) -> Vec<(String, Tensor)> {

@@ -199,6 +199,10 @@ pub fn write_all(
         skipped.push(("accuracy.svg".into(), "no epoch finished with an evaluation".into()));
     }
     match eval {
+        Some(eval) if eval.confusion.is_empty() => skipped.push((
+            "confusion.svg".into(),
+            format!("more than {} classes", super::evaluate::MAX_CONFUSION_CLASSES),
+        )),
         Some(eval) => {
             let path = dir.join("confusion.svg");
             confusion_chart(&path, eval, classes)?;

@@ -35,12 +35,19 @@ impl Splits {
         if let (Some(test), Some(path)) = (&test, &cfg.test) {
             check_test(&cfg.train, &train, path, test)?;
         }
-        if cfg.model == ModelKind::Lenet && train.sample_shape() != [3, 32, 32] {
+        let [_, h, w] = train.sample_shape();
+        let sides = cfg.model.sides();
+        if !sides.contains(&h) || !sides.contains(&w) {
+            let takes = match (sides.start(), sides.end()) {
+                (a, b) if a == b => format!("{a}x{a} images"),
+                (a, &usize::MAX) => format!("images of at least {a}x{a}"),
+                (a, b) => format!("images from {a}x{a} to {b}x{b}"),
+            };
             return Err(Error::Config(format!(
-                "the LeNet takes 32x32 images, and {} holds {:?}: use --model resnet, or prepare the \
-                 data with `cifar-prep --size 32,32`",
+                "--model {} takes {takes}, and {} holds {w}x{h}: prepare the data with                  `cifar-prep --size H,W`{}",
+                cfg.model.name(),
                 cfg.train.display(),
-                train.sample_shape()
+                if cfg.model == ModelKind::Resnet { "" } else { ", or use --model resnet" }
             )));
         }
         if cfg.recipe == Recipe::Fast && cfg.batch_size > train.len() {

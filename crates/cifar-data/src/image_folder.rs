@@ -1,6 +1,6 @@
 //! A [`Source`] over a folder of images, `root/<class>/*.{png,jpg,...}`, like torchvision's
 //! `ImageFolder`: classes are the sub-folders in sorted order, images are decoded by the
-//! loader's workers with `cifar-prep`'s decoder ([`crate::prep::folder::decode`]), so the
+//! loader's workers with `cifar-prep`'s decoder ([`crate::prep::image::decode`]), so the
 //! values are torchvision's and those of a converted file.
 use std::path::{Path, PathBuf};
 
@@ -46,7 +46,14 @@ impl ImageFolder {
         for e in std::fs::read_dir(root).at(root)? {
             let p = e.at(root)?.path();
             if p.is_dir() {
-                classes.push(p.file_name().unwrap().to_string_lossy().into_owned());
+                // Two names that are not UTF-8 would become one lossy class name.
+                let name = p.file_name().unwrap().to_str().ok_or_else(|| {
+                    Error::format(
+                        &p,
+                        "is a class folder whose name is not UTF-8: rename it (e.g. with convmv)",
+                    )
+                })?;
+                classes.push(name.to_string());
             }
         }
         classes.sort();
@@ -114,7 +121,8 @@ impl Source for ImageFolder {
         let (w, h) = self.side;
         let resize = (self.policy == SizePolicy::Resize).then_some((h, w));
         // The same decoder as `cifar-prep`'s image folders: the same pixels as torchvision's.
-        let (ih, iw, chw) = crate::prep::folder::decode(&bytes, resize, path)?;
+        let (ih, iw, chw) =
+            crate::prep::image::decode(&bytes, resize, crate::prep::image::MAX_IMAGE_PIXELS, path)?;
         if (iw, ih) != (w, h) {
             return Err(Error::format(path, format!("is {iw}x{ih}, expected {w}x{h}")));
         }

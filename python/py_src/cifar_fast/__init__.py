@@ -159,15 +159,17 @@ class ImageFolder(_Dataset):
 
 
 def prepare(input, out="data", dtype="f32", mean=None, std=None, dataset_stats=False, size=None, name=None,
-            force=False):
+            force=False, max_image_pixels=89_478_485):
     """`cifar-prep` from Python: `input` (a CIFAR tarball, torchvision's extracted folder, an image
-    folder or an archive of one) into tensor files in `out`. Returns `{split: path}`."""
+    folder or an archive of one) into tensor files in `out`. Returns `{split: path}`. An image of
+    more than `max_image_pixels` pixels (Pillow's `MAX_IMAGE_PIXELS`) is refused."""
     import os
     if (mean is None) != (std is None):
         raise ValueError("give both mean and std, or neither")
     norm = None if mean is None else (_triple3("mean", mean), _triple3("std", std))
     splits = _native.prepare(os.fspath(input), os.fspath(out), dtype=dtype, norm=norm,
-                             dataset_stats=bool(dataset_stats), size=size, name=name, force=bool(force))
+                             dataset_stats=bool(dataset_stats), size=size, name=name, force=bool(force),
+                             max_image_pixels=_check_int("max_image_pixels", max_image_pixels, 1))
     return dict(splits)
 
 

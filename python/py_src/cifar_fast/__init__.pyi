@@ -38,7 +38,7 @@ class ImageFolder(_Dataset):
 def prepare(input: _Path, out: _Path = "data", dtype: str = "f32", mean: Optional[Sequence[float]] = None,
             std: Optional[Sequence[float]] = None, dataset_stats: bool = False,
             size: Optional[Tuple[int, int]] = None, name: Optional[str] = None,
-            force: bool = False) -> dict[str, str]: ...
+            force: bool = False, max_image_pixels: int = 89_478_485) -> dict[str, str]: ...
 
 class DataLoader:
     dataset: _Dataset

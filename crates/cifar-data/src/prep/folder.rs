@@ -4,22 +4,22 @@
 //!
 //! Order is `ImageFolder`'s: classes are the sorted folder names, samples the sorted file names
 //! within each class, so index *i* of `<name>-<split>.safetensors` is
-//! `ImageFolder("ROOT/<split>")[i]`. Decoding runs on every core: one thread reads (the
-//! directory, or the archive's gzip → tar stream), the others decode as members arrive. The
-//! decoded pixels of all splits are held in memory until they are sorted and written
-//! (3 × H × W bytes an image: 184 MB for CIFAR-10's 60,000).
+//! `ImageFolder("ROOT/<split>")[i]` (an archive read as its extraction would be: see
+//! [`super::listing`]). The listing fixes every image's place before a pixel is decoded, and
+//! records have one size, so decoding streams: every core decodes as the files (or the
+//! archive's members) are read, and writes each image at its place in its split's file.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use image::imageops::FilterType;
 use sha2::{Digest, Sha256};
 
-use super::layout::{CHANNELS, Records};
+use super::image::MemoryBudget;
+use super::layout::CHANNELS;
+use super::listing::{Bytes, Image, Listing, list_archive, list_dir, read_members};
 use super::tarball::{InputKind, hex, input_kind, open_archive};
-use super::writer::{Normalize, TensorFileWriter};
-use super::{Metadata, PrepOptions, PrepSummary, SplitSummary, channel_stats};
+use super::writer::{Normalize, StoreDtype, TensorFileWriter};
+use super::{Metadata, Norm, PrepOptions, PrepSummary, SplitSummary};
 use crate::error::{Error, IoContext, Result};
 use crate::store::TensorFile;
 
@@ -34,82 +34,12 @@ pub fn is_image_name(name: &str) -> bool {
     IMG_EXTENSIONS.iter().any(|e| lower.ends_with(e))
 }
 
-/// Decodes one image file's bytes to planar RGB (`convert("RGB")`, as `ImageFolder`'s loader
-/// does), resized (bilinear, antialiased) to `size` `(height, width)` when given. Returns
-/// `(height, width, pixels)`. JPEGs go through libjpeg-turbo's decoder, as in Pillow, so the
-/// pixels are torchvision's; other formats through the `image` crate.
-pub fn decode(bytes: &[u8], size: Option<(u32, u32)>, path: &Path) -> Result<(u32, u32, Vec<u8>)> {
-    if bytes.is_empty() {
-        return Err(Error::format(path, "is empty (0 bytes), not an image"));
-    }
-    let mut rgb = match decode_jpeg(bytes) {
-        Some(Ok(rgb)) => rgb,
-        Some(Err(msg)) => return Err(Error::format(path, format!("cannot be decoded as a JPEG: {msg}"))),
-        None => image::ImageReader::new(std::io::Cursor::new(bytes))
-            .with_guessed_format()
-            .at(path)?
-            .decode()
-            .map_err(|e| Error::format(path, format!("cannot be decoded as an image: {e}")))?
-            .into_rgb8(),
-    };
-    if let Some((h, w)) = size
-        && rgb.dimensions() != (w, h)
-    {
-        rgb = image::imageops::resize(&rgb, w, h, FilterType::Triangle);
-    }
-    let (w, h) = rgb.dimensions();
-    let plane = (w * h) as usize;
-    let mut chw = vec![0u8; CHANNELS * plane];
-    for (i, px) in rgb.pixels().enumerate() {
-        for c in 0..CHANNELS {
-            chw[c * plane + i] = px.0[c];
-        }
-    }
-    Ok((h, w, chw))
-}
-
-/// A JPEG (by its magic bytes, in a colour space libjpeg turns into RGB) decoded to RGB;
-/// `None` for anything else, left to the `image` crate.
-fn decode_jpeg(bytes: &[u8]) -> Option<std::result::Result<image::RgbImage, String>> {
-    if !bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
-        return None;
-    }
-    // mozjpeg reports libjpeg's fatal errors by unwinding (without the panic hook): caught here.
-    let decoded = std::panic::catch_unwind(|| -> std::io::Result<Option<image::RgbImage>> {
-        let d = mozjpeg::Decompress::new_mem(bytes)?;
-        if matches!(d.color_space(), mozjpeg::ColorSpace::JCS_CMYK | mozjpeg::ColorSpace::JCS_YCCK) {
-            return Ok(None);
-        }
-        let mut d = d.rgb()?;
-        let (w, h) = (d.width() as u32, d.height() as u32);
-        let px: Vec<u8> = d.read_scanlines()?;
-        d.finish()?;
-        Ok(image::RgbImage::from_raw(w, h, px))
-    });
-    match decoded {
-        Ok(Ok(Some(img))) => Some(Ok(img)),
-        Ok(Ok(None)) => None,
-        Ok(Err(e)) => Some(Err(e.to_string())),
-        Err(panic) => Some(Err(panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "corrupt JPEG data".into()))),
-    }
-}
-
-/// Where one image sits: `(split, class, file name)` below the root, and its path for messages.
+/// Where one image sits: `(split, class, file name)` below the root.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Place {
     split: String,
     class: String,
     file: String,
-}
-
-/// One image as read: its components below the root (or the archive's top), and its path.
-struct Member {
-    parts: Vec<String>,
-    shown: PathBuf,
 }
 
 /// Whether `input` is an image folder (rather than CIFAR batches): a directory with no CIFAR
@@ -171,60 +101,9 @@ pub fn output_path(dir: &Path, name: &str, split: &str) -> PathBuf {
     dir.join(format!("{name}-{split}.safetensors"))
 }
 
-/// An image file of a directory input: its path components below the root, and its path.
-type Listed = (Vec<String>, PathBuf);
-
-/// Every image file below `dir`, as components relative to it, sorted; and every folder below
-/// it (`ImageFolder` counts class folders without images too), as relative paths, sorted.
-fn walk(dir: &Path) -> Result<(Vec<Listed>, Vec<String>)> {
-    let mut out = Vec::new();
-    let mut dirs = Vec::new();
-    let mut stack = vec![(dir.to_path_buf(), Vec::<String>::new())];
-    while let Some((d, prefix)) = stack.pop() {
-        for e in std::fs::read_dir(&d).at(&d)? {
-            let e = e.at(&d)?;
-            let path = e.path();
-            let name = e.file_name().to_string_lossy().into_owned();
-            let mut parts = prefix.clone();
-            parts.push(name.clone());
-            // `ImageFolder` follows links (os.walk(followlinks=True)): metadata, not the entry's type.
-            let meta = std::fs::metadata(&path).at(&path)?;
-            if meta.is_dir() {
-                dirs.push(parts.join("/"));
-                stack.push((path, parts));
-            } else if is_image_name(&name) {
-                // Reading a FIFO named like an image would block for ever.
-                if !meta.is_file() {
-                    return Err(Error::format(
-                        &path,
-                        format!("is {}, not an image file", crate::files::kind_of(&meta)),
-                    ));
-                }
-                out.push((parts, path));
-            }
-        }
-    }
-    out.sort();
-    dirs.sort();
-    Ok((out, dirs))
-}
-
-/// Class folders under each split folder of a directory input (`ImageFolder` lists them with
-/// `os.scandir`, images or not), to refuse a class folder that holds none.
-fn class_dirs(split_dir: &Path) -> Result<BTreeSet<String>> {
-    let mut classes = BTreeSet::new();
-    for e in std::fs::read_dir(split_dir).at(split_dir)? {
-        let p = e.at(split_dir)?.path();
-        if p.is_dir() {
-            classes.insert(p.file_name().unwrap().to_string_lossy().into_owned());
-        }
-    }
-    Ok(classes)
-}
-
 /// The `(split, class, file)` of each member, from the layout `[prefix/]<split>/<class>/<file>`
 /// (or `<class>/<file>` in a directory that is one split, named `own_split`).
-fn places(input: &Path, members: &[Member], own_split: Option<&str>) -> Result<Vec<Place>> {
+fn places(input: &Path, members: &[Image], own_split: Option<&str>) -> Result<Vec<Place>> {
     let Some(first) = members.first() else {
         return Err(Error::format(
             input,
@@ -243,7 +122,7 @@ fn places(input: &Path, members: &[Member], own_split: Option<&str>) -> Result<V
             ),
         ));
     }
-    let place = |m: &Member| -> Result<Place> {
+    let place = |m: &Image| -> Result<Place> {
         let p = &m.parts;
         match (depth, own_split) {
             (2, Some(split)) => Ok(Place { split: split.into(), class: p[0].clone(), file: p[1].clone() }),
@@ -284,16 +163,18 @@ fn places(input: &Path, members: &[Member], own_split: Option<&str>) -> Result<V
 /// The folders, and the path and content of every image, hashed: a re-run on unchanged input
 /// is skipped, and a changed image (or a new folder) is converted again whatever its size and
 /// modification time.
-fn fingerprint_files(files: &[Listed], dirs: &[String]) -> Result<String> {
+fn fingerprint_files(listing: &Listing) -> Result<String> {
     let mut h = Sha256::new();
-    for d in dirs {
+    for d in &listing.dirs {
         h.update(d.as_bytes());
         h.update([0]);
     }
-    for (parts, path) in files {
-        h.update(parts.join("/").as_bytes());
+    for image in &listing.images {
+        h.update(image.parts.join("/").as_bytes());
         h.update([0]);
-        super::hash_file(&mut h, path)?;
+        if let Bytes::File(path) = &image.bytes {
+            super::hash_file(&mut h, path)?;
+        }
     }
     Ok(format!("images:{}", hex(&h.finalize())))
 }
@@ -335,11 +216,18 @@ fn up_to_date(input: &Path, name: &str, print: &str, tag: &str, out_dir: &Path) 
     })
 }
 
-/// One decoded image, or why it could not be.
-type Decoded = (usize, Result<(u32, u32, Vec<u8>)>);
+/// Where one image's pixels go: `(split number, index in the split)`. An archive's member
+/// that several names share (hard links) goes to each of their places.
+type Target = (usize, usize);
 
-/// Converts an image folder (directory or archive) into `out_dir/<name>-<split>.safetensors`.
-/// On error nothing is left in `out_dir` and earlier output there is untouched.
+/// One image to decode: its path for messages, its bytes (read by the decoder for a directory),
+/// and its places.
+type Job = (PathBuf, Option<Vec<u8>>, Vec<Target>);
+
+/// Converts an image folder (directory or archive) into `out_dir/<name>-<split>.safetensors`,
+/// streaming: every image is decoded and written at its place in its split's file, so memory
+/// stays bounded (by [`MemoryBudget`]) whatever the folder's size. On error nothing is left in
+/// `out_dir` and earlier output there is untouched.
 pub fn prepare(
     input: &Path,
     out_dir: &Path,
@@ -348,25 +236,21 @@ pub fn prepare(
 ) -> Result<PrepSummary> {
     let start = Instant::now();
     let kind = input_kind(input)?;
-    // A directory is listed first (its listing is the fingerprint); an archive is streamed.
-    let (listing, dirs) = match kind {
-        InputKind::Dir => {
-            let (files, dirs) = walk(input)?;
-            (Some(files), dirs)
-        }
-        _ => (None, Vec::new()),
+    let gzipped = kind == InputKind::Gzip;
+    let listing = match kind {
+        InputKind::Dir => list_dir(input)?,
+        _ => list_archive(std::fs::File::open(input).at(input)?, gzipped, input)?,
     };
-    let own_split = listing.as_ref().and_then(|files| {
-        (files.first().is_some_and(|f| f.0.len() == 2)).then(|| default_name(input, false))
-    });
+    let own_split = (kind == InputKind::Dir && listing.images.first().is_some_and(|f| f.parts.len() == 2))
+        .then(|| default_name(input, false));
     let name = match &opts.name {
         Some(n) if valid_name(n) => n.clone(),
         Some(n) => return Err(Error::Config(format!("--name {n:?}: use letters, digits, '.', '_' and '-'"))),
         None => default_name(input, own_split.is_some()),
     };
-    let print = match &listing {
-        Some(files) => fingerprint_files(files, &dirs)?,
-        None => super::fingerprint(input)?,
+    let print = match kind {
+        InputKind::Dir => fingerprint_files(&listing)?,
+        _ => super::fingerprint(input)?,
     };
     let tag = options_tag(opts, &name);
     if !opts.force
@@ -375,103 +259,30 @@ pub fn prepare(
         return Ok(done);
     }
 
-    // Read on this thread, decode on the others; results come back tagged with their order.
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<(usize, PathBuf, Option<Vec<u8>>)>(4 * threads);
-    let (done_tx, done_rx) = crossbeam_channel::unbounded::<Decoded>();
-    let mut members: Vec<Member> = Vec::new();
-    let (read, decoded) = std::thread::scope(|s| {
-        for _ in 0..threads {
-            let (jobs, done) = (jobs_rx.clone(), done_tx.clone());
-            s.spawn(move || {
-                for (i, shown, bytes) in jobs {
-                    let bytes = match bytes {
-                        Some(b) => Ok(b),
-                        None => std::fs::read(&shown).at(&shown),
-                    };
-                    let failed = bytes.and_then(|b| decode(&b, opts.size, &shown));
-                    let stop = failed.is_err();
-                    if done.send((i, failed)).is_err() || stop {
-                        break;
-                    }
-                }
-            });
-        }
-        // Only the decoders receive jobs: once they have all stopped (each on a bad image),
-        // sending fails instead of blocking on a full queue forever.
-        drop(jobs_rx);
-        drop(done_tx);
-        // The decoded pixels are held until they are sorted: refuse before they outgrow memory
-        // (a huge --size, or a folder of millions of images), not after an out-of-memory kill.
-        #[cfg(target_os = "linux")]
-        let room = crate::store::available_memory().map_or(u64::MAX, |m| m / 2);
-        #[cfg(not(target_os = "linux"))]
-        let room = u64::MAX;
-        let collector = s.spawn(move || {
-            let mut out: Vec<Option<(u32, u32, Vec<u8>)>> = Vec::new();
-            let mut held = 0u64;
-            for (i, r) in done_rx {
-                let img = r?;
-                held += img.2.len() as u64;
-                if held > room {
-                    return Err(Error::format(
-                        input,
-                        format!(
-                            "its decoded images need more than half the available memory ({:.1} GB so far): \
-                             use a smaller --size, or split the folder",
-                            held as f64 / 1e9
-                        ),
-                    ));
-                }
-                if out.len() <= i {
-                    out.resize_with(i + 1, || None);
-                }
-                out[i] = Some(img);
-            }
-            Ok::<_, Error>(out)
-        });
-        let read = match &listing {
-            Some(files) => {
-                progress.set_length(files.len() as u64);
-                for (i, (parts, path)) in files.iter().enumerate() {
-                    members.push(Member { parts: parts.clone(), shown: path.clone() });
-                    if jobs_tx.send((i, path.clone(), None)).is_err() {
-                        break; // a decoder failed: its error is reported
-                    }
-                    progress.inc(1);
-                }
-                Ok(())
-            }
-            None => read_archive(input, kind == InputKind::Gzip, progress, |parts, shown, bytes| {
-                let i = members.len();
-                members.push(Member { parts, shown: shown.clone() });
-                Ok(jobs_tx.send((i, shown, Some(bytes))).is_ok())
-            }),
-        };
-        drop(jobs_tx);
-        (read, collector.join().expect("collector thread panicked"))
-    });
-    let decoded = decoded?;
-    read?;
-    let places = places(input, &members, own_split.as_deref())?;
-
-    // ImageFolder's order: split, then class, then file name.
-    let mut order: Vec<usize> = (0..members.len()).collect();
-    order.sort_by(|&a, &b| places[a].cmp(&places[b]));
+    // Everything about the output but the pixels is known from the listing.
+    let images = &listing.images;
+    let places = places(input, images, own_split.as_deref())?;
     let mut classes_of: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     for p in &places {
         classes_of.entry(&p.split).or_default().insert(&p.class);
     }
-    if let Some(files) = &listing {
-        // Directory input: a class folder without images is refused, as ImageFolder refuses it.
-        for (split, classes) in &classes_of {
-            let mut dir = input.to_path_buf();
-            if own_split.is_none() {
-                dir.extend(&files[0].0[..files[0].0.len() - 3]);
-                dir.push(split);
-            }
-            if let Some(empty) = class_dirs(&dir)?.iter().find(|c| !classes.contains(c.as_str())) {
-                return Err(Error::format(dir.join(empty), "is a class folder with no images"));
+    // A class folder without images is refused, as ImageFolder refuses it.
+    let root: Vec<String> = match own_split {
+        Some(_) => Vec::new(),
+        None => images[0].parts[..images[0].parts.len() - 3].to_vec(),
+    };
+    for (split, classes) in &classes_of {
+        let mut split_dir = root.clone();
+        if own_split.is_none() {
+            split_dir.push(split.to_string());
+        }
+        let prefix = if split_dir.is_empty() { String::new() } else { format!("{}/", split_dir.join("/")) };
+        for d in &listing.dirs {
+            if let Some(class) = d.strip_prefix(&prefix)
+                && !class.contains('/')
+                && !classes.contains(class)
+            {
+                return Err(Error::format(input.join(d), "is a class folder with no images"));
             }
         }
     }
@@ -490,46 +301,84 @@ pub fn prepare(
         }
     }
     let classes: Vec<String> = first_classes.iter().map(|s| s.to_string()).collect();
+    super::check_class_count(classes.len(), input)?;
     let label: HashMap<&str, i64> = classes.iter().enumerate().map(|(i, c)| (c.as_str(), i as i64)).collect();
-
-    // Every image must have the size of the first (in index order) unless --size resized them.
-    let mut decoded: Vec<Option<(u32, u32, Vec<u8>)>> = decoded;
-    decoded.resize_with(members.len(), || None);
-    let size_of = |i: usize| decoded[i].as_ref().map(|d| (d.0, d.1)).expect("every member decoded");
-    let (h, w) = size_of(order[0]);
-    if let Some(&odd) = order.iter().find(|&&i| size_of(i) != (h, w)) {
-        let (oh, ow) = size_of(odd);
-        return Err(Error::format(
-            &members[odd].shown,
-            format!(
-                "is {ow}x{oh}, but {} is {w}x{h}: pass --size H,W to resize every image to one size",
-                members[order[0]].shown.display()
-            ),
-        ));
-    }
-
-    // Records per split, in index order, moving the pixels out of `decoded`.
-    let mut records: BTreeMap<String, Records> = BTreeMap::new();
+    let split_names: Vec<String> = classes_of.keys().map(|s| s.to_string()).collect();
+    // ImageFolder's order: split, then class, then file name.
+    let mut order: Vec<usize> = (0..images.len()).collect();
+    order.sort_by(|&a, &b| places[a].cmp(&places[b]));
+    let mut target_of = vec![(0, 0); images.len()];
+    let mut labels: Vec<Vec<i64>> = vec![Vec::new(); split_names.len()];
     for &i in &order {
-        let r = records.entry(places[i].split.clone()).or_default();
-        r.labels.push(label[places[i].class.as_str()]);
-        r.pixels.extend_from_slice(&decoded[i].take().expect("decoded once").2);
+        let s = split_names.binary_search(&places[i].split).expect("a split of the listing");
+        target_of[i] = (s, labels[s].len());
+        labels[s].push(label[places[i].class.as_str()]);
     }
-    drop(decoded);
-    let (mean, std) = opts
-        .norm
-        .mean_std(|| channel_stats(records.get("train").or_else(|| records.values().next()).into_iter()));
-    let norm = Normalize::new(mean, std);
+
+    // The images' size: --size, or the first image's (in index order, read from its header).
+    let first = &images[order[0]];
+    let side = match opts.size {
+        Some(s) => s,
+        None => {
+            let bytes = read_one(input, gzipped, first)?;
+            let (w, h) = super::image::dimensions(&bytes, &first.shown)?;
+            super::image::check_pixels((w, h), opts.max_image_pixels, &first.shown)?;
+            (h, w)
+        }
+    };
+    let side_px = (side.0 as usize, side.1 as usize);
     std::fs::create_dir_all(out_dir).at(out_dir)?;
-    let split_names: Vec<String> = records.keys().cloned().collect();
+    // Normalizing with the data's own statistics needs them before the first f32 is written:
+    // the bytes go to a scratch file first, and are normalized from there.
+    let staged = opts.dtype == StoreDtype::F32 && opts.norm == Norm::Dataset;
+    let first_dtype = if staged { StoreDtype::U8 } else { opts.dtype };
+    let room = super::writer::header_room(classes.iter().chain(&split_names).map(String::as_str));
+    let mut outputs = Vec::new();
+    for (s, split) in split_names.iter().enumerate() {
+        let stage = if staged { "-u8" } else { "" };
+        outputs.push(TensorFileWriter::placed(
+            out_dir,
+            &format!("cifar-prep-{name}-{split}{stage}"),
+            first_dtype,
+            side_px,
+            labels[s].clone(),
+            room,
+        )?);
+    }
+    let (mean, std) = opts.norm.mean_std(|| ([0.0; 3], [1.0; 3]));
+    let norm = Normalize::new(mean, std);
+    let stats_split = split_names.iter().position(|s| s == "train").unwrap_or(0);
+    let hist =
+        decode_all(input, gzipped, &listing, &target_of, side, opts, &outputs, &norm, stats_split, progress)?;
+
+    let (mean, std) = opts.norm.mean_std(|| super::stats_of_histogram(&hist));
+    let norm = Normalize::new(mean, std);
+    if staged {
+        let scratch = std::mem::take(&mut outputs);
+        for (s, split) in split_names.iter().enumerate() {
+            let out = TensorFileWriter::placed(
+                out_dir,
+                &format!("cifar-prep-{name}-{split}"),
+                opts.dtype,
+                side_px,
+                labels[s].clone(),
+                room,
+            )?;
+            let per_image = CHANNELS * side_px.0 * side_px.1;
+            let mut buf = vec![0u8; per_image];
+            for i in 0..out.images() {
+                scratch[s].read_back(i, &mut buf)?;
+                out.put(i, &buf, &norm)?;
+            }
+            outputs.push(out);
+        }
+    }
+
     let conversion = super::conversion_id();
     let mut sealed = Vec::new();
-    for (split, r) in &records {
-        let side = (h as usize, w as usize);
-        let mut writer =
-            TensorFileWriter::with_side(out_dir, &format!("cifar-prep-{name}-{split}"), opts.dtype, side)?;
-        writer.push(r, &norm)?;
-        let per_class = super::per_class(&r.labels, classes.len()).expect("labels index the class folders");
+    for (writer, split) in outputs.into_iter().zip(&split_names) {
+        let per_class =
+            super::per_class(&labels[sealed.len()], classes.len()).expect("labels index the classes");
         let mut meta = Metadata {
             dataset: &name,
             split,
@@ -565,47 +414,189 @@ pub fn prepare(
     })
 }
 
-/// Calls `visit(components, path for messages, bytes)` for each image member of a (gzipped) tar,
-/// in archive order, until it returns `false`.
-fn read_archive(
-    input: &Path,
-    gzipped: bool,
-    progress: &indicatif::ProgressBar,
-    mut visit: impl FnMut(Vec<String>, PathBuf, Vec<u8>) -> Result<bool>,
-) -> Result<()> {
-    let file = std::fs::File::open(input).at(input)?;
-    progress.set_length(file.metadata().at(input)?.len());
-    let mut archive = open_archive(progress.wrap_read(file), gzipped);
-    let corrupt = |e: std::io::Error| Error::format(input, format!("corrupt or truncated archive: {e}"));
-    for entry in archive.entries().map_err(corrupt)? {
-        let mut entry = entry.map_err(corrupt)?;
-        if !entry.header().entry_type().is_file() {
-            continue;
-        }
-        let name = entry.path().map_err(corrupt)?.to_string_lossy().into_owned();
-        if !is_image_name(&name) {
-            continue;
-        }
-        let shown = input.join(&name);
-        let size = entry.size();
-        if size > super::layout::MAX_MEMBER_BYTES {
-            return Err(Error::format(&shown, format!("member of {size} bytes is too large")));
-        }
-        // The declared size is only a claim: grow to it as bytes really arrive.
-        let mut bytes = Vec::with_capacity(size.min(1 << 24) as usize);
-        entry.read_to_end(&mut bytes).map_err(corrupt)?;
-        if bytes.len() as u64 != size {
-            return Err(corrupt(std::io::ErrorKind::UnexpectedEof.into()));
-        }
-        let parts: Vec<String> =
-            name.trim_start_matches("./").split('/').filter(|p| !p.is_empty()).map(str::to_string).collect();
-        if !visit(parts, shown, bytes)? {
-            return Ok(());
+/// The bytes of one image of the listing.
+fn read_one(input: &Path, gzipped: bool, image: &Image) -> Result<Vec<u8>> {
+    match &image.bytes {
+        Bytes::File(path) => std::fs::read(path).at(path),
+        Bytes::Member { number, size } => {
+            let mut out = None;
+            let wanted = BTreeMap::from([(*number, *size)]);
+            read_members(std::fs::File::open(input).at(input)?, gzipped, input, &wanted, |_, b| {
+                out = Some(b);
+                Ok(false)
+            })?;
+            Ok(out.expect("the listed member was read"))
         }
     }
-    let mut rest = archive.into_inner();
-    std::io::copy(&mut rest, &mut std::io::sink()).map_err(corrupt)?;
-    Ok(())
+}
+
+/// Decodes every image of `listing` and writes it at its places (`target_of`, by listing index)
+/// in `outputs`, every core decoding while this thread reads. Returns the per-channel byte
+/// histogram of split `stats_split`.
+#[allow(clippy::too_many_arguments)]
+fn decode_all(
+    input: &Path,
+    gzipped: bool,
+    listing: &Listing,
+    target_of: &[Target],
+    side: (u32, u32),
+    opts: &PrepOptions,
+    outputs: &[TensorFileWriter],
+    norm: &Normalize,
+    stats_split: usize,
+    progress: &indicatif::ProgressBar,
+) -> Result<[[u64; 256]; CHANNELS]> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let budget = MemoryBudget::for_this_machine();
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let first_error: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
+    let fail = |e: Error| {
+        let mut first = first_error.lock().unwrap_or_else(|p| p.into_inner());
+        first.get_or_insert(e);
+        failed.store(true, std::sync::atomic::Ordering::SeqCst);
+    };
+    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Job>(2 * threads);
+    let first_shown = &listing.images[0].shown;
+    progress.set_length(listing.images.len() as u64);
+    let hists = std::thread::scope(|s| {
+        let decoders: Vec<_> = (0..threads)
+            .map(|_| {
+                let jobs = jobs_rx.clone();
+                let (budget, failed, fail) = (&budget, &failed, &fail);
+                s.spawn(move || {
+                    let mut hist = [[0u64; 256]; CHANNELS];
+                    for (shown, bytes, targets) in jobs {
+                        if failed.load(std::sync::atomic::Ordering::SeqCst) {
+                            break;
+                        }
+                        let bytes = match bytes {
+                            Some(b) => Ok(b),
+                            None => std::fs::read(&shown).at(&shown),
+                        };
+                        let done = bytes.and_then(|b| {
+                            decode_one(&b, &shown, first_shown, side, opts, budget, |pixels| {
+                                for &(split, index) in &targets {
+                                    outputs[split].put(index, pixels, norm)?;
+                                    if split == stats_split {
+                                        count(&mut hist, pixels);
+                                    }
+                                }
+                                Ok(())
+                            })
+                        });
+                        match done {
+                            Ok(()) => progress.inc(targets.len() as u64),
+                            Err(e) => {
+                                fail(e);
+                                break;
+                            }
+                        }
+                    }
+                    hist
+                })
+            })
+            .collect();
+        drop(jobs_rx);
+        let send = |job: Job| -> bool {
+            !failed.load(std::sync::atomic::Ordering::SeqCst) && jobs_tx.send(job).is_ok()
+        };
+        let read = match &listing.images[0].bytes {
+            Bytes::File(_) => {
+                for (image, &target) in listing.images.iter().zip(target_of) {
+                    if !send((image.shown.clone(), None, vec![target])) {
+                        break;
+                    }
+                }
+                Ok(())
+            }
+            Bytes::Member { .. } => {
+                let mut wanted: BTreeMap<usize, u64> = BTreeMap::new();
+                let mut places: HashMap<usize, (PathBuf, Vec<Target>)> = HashMap::new();
+                for (image, &target) in listing.images.iter().zip(target_of) {
+                    let Bytes::Member { number, size } = image.bytes else {
+                        unreachable!("one kind of input")
+                    };
+                    wanted.insert(number, size);
+                    places.entry(number).or_insert_with(|| (image.shown.clone(), Vec::new())).1.push(target);
+                }
+                std::fs::File::open(input).at(input).and_then(|file| {
+                    read_members(file, gzipped, input, &wanted, |number, bytes| {
+                        let (shown, targets) = places.remove(&number).expect("a wanted member");
+                        Ok(send((shown, Some(bytes), targets)))
+                    })
+                })
+            }
+        };
+        drop(jobs_tx);
+        if let Err(e) = read {
+            // The decoders' error, where there is one, is the cause: reading only saw it stop.
+            if !failed.load(std::sync::atomic::Ordering::SeqCst) {
+                fail(e);
+            }
+        }
+        decoders.into_iter().map(|d| d.join().expect("decoder thread panicked")).collect::<Vec<_>>()
+    });
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    let mut hist = [[0u64; 256]; CHANNELS];
+    for h in hists {
+        for c in 0..CHANNELS {
+            for v in 0..256 {
+                hist[c][v] += h[c][v];
+            }
+        }
+    }
+    Ok(hist)
+}
+
+/// Decodes one image within `budget`, checks its size against the conversion's `side`
+/// (`(height, width)`, that of `first`), and hands its pixels to `write`.
+fn decode_one(
+    bytes: &[u8],
+    shown: &Path,
+    first: &Path,
+    side: (u32, u32),
+    opts: &PrepOptions,
+    budget: &MemoryBudget,
+    write: impl FnOnce(&[u8]) -> Result<()>,
+) -> Result<()> {
+    let (w, h) = super::image::dimensions(bytes, shown)?;
+    super::image::check_pixels((w, h), opts.max_image_pixels, shown)?;
+    if opts.size.is_none() && (h, w) != side {
+        return Err(Error::format(
+            shown,
+            format!(
+                "is {w}x{h}, but {} is {}x{}: pass --size H,W to resize every image to one size",
+                first.display(),
+                side.1,
+                side.0
+            ),
+        ));
+    }
+    let cost = super::image::decode_cost((w, h), opts.size);
+    if cost > 2 * budget.total() {
+        return Err(Error::format(
+            shown,
+            format!(
+                "is {w}x{h}: decoding it needs about {:.1} GB, more than half the memory available",
+                cost as f64 / 1e9
+            ),
+        ));
+    }
+    let _share = budget.take(cost);
+    let (_, _, pixels) = super::image::decode(bytes, opts.size, opts.max_image_pixels, shown)?;
+    write(&pixels)
+}
+
+/// Adds one planar image's bytes to a per-channel histogram.
+fn count(hist: &mut [[u64; 256]; CHANNELS], pixels: &[u8]) {
+    let plane = pixels.len() / CHANNELS;
+    for (c, h) in hist.iter_mut().enumerate() {
+        for &p in &pixels[c * plane..(c + 1) * plane] {
+            h[p as usize] += 1;
+        }
+    }
 }
 
 #[cfg(test)]

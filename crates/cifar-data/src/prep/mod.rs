@@ -7,7 +7,9 @@
 //! between.
 pub mod download;
 pub mod folder;
+pub mod image;
 pub mod layout;
+pub mod listing;
 // The pickle reader is this crate's own business; the fuzz targets reach it with the
 // `fuzzing` feature.
 #[cfg(feature = "fuzzing")]
@@ -77,11 +79,21 @@ pub struct PrepOptions {
     /// Image folders only: the files' name, `<name>-<split>.safetensors`. By default, the
     /// archive's or directory's name.
     pub name: Option<String>,
+    /// Image folders only: the most pixels an image may declare before it is refused (a
+    /// decompression bomb). By default, [`image::MAX_IMAGE_PIXELS`].
+    pub max_image_pixels: u64,
 }
 
 impl Default for PrepOptions {
     fn default() -> Self {
-        PrepOptions { dtype: StoreDtype::F32, norm: Norm::Half, force: false, size: None, name: None }
+        PrepOptions {
+            dtype: StoreDtype::F32,
+            norm: Norm::Half,
+            force: false,
+            size: None,
+            name: None,
+            max_image_pixels: image::MAX_IMAGE_PIXELS,
+        }
     }
 }
 
@@ -125,6 +137,22 @@ fn made_from(file: &TensorFile, print: &str, tag: &str) -> bool {
     let m = file.metadata();
     m.get("source_fingerprint").map(String::as_str) == Some(print)
         && m.get("prep_options").map(String::as_str) == Some(tag)
+}
+
+/// The most classes a dataset may have: more than any real label set (ImageNet-21k has
+/// 21,841), few enough that what scales with them (the header, the model's last layer, the
+/// per-class counts) stays small.
+pub const MAX_CLASSES: usize = 100_000;
+
+/// Refuses `classes` classes when they are more than [`MAX_CLASSES`], naming `input`.
+pub fn check_class_count(classes: usize, input: &Path) -> Result<()> {
+    if classes > MAX_CLASSES {
+        return Err(Error::format(
+            input,
+            format!("has {classes} classes, more than the {MAX_CLASSES} this tool takes"),
+        ));
+    }
+    Ok(())
 }
 
 /// Renames each sealed split into place, in order, and returns their summaries.
@@ -370,6 +398,14 @@ fn prepare_cifar(
             }
         }
     }
+    for (split, w) in &writers {
+        if w.images() == 0 {
+            return Err(Error::format(
+                input,
+                format!("its {} batches hold no images: an empty split cannot train or test", split.name()),
+            ));
+        }
+    }
     let classes = match (kind, fine) {
         (_, Some(names)) if names.len() == kind.classes() => names,
         (_, Some(names)) => {
@@ -533,7 +569,7 @@ fn write_splits(
 /// Per-channel mean and (population) std of pixel / 255, as `data.mean((0, 2, 3)) / 255`.
 pub(crate) fn channel_stats<'a>(batches: impl Iterator<Item = &'a Records>) -> ([f32; 3], [f32; 3]) {
     let mut hist = [[0u64; 256]; 3];
-    for r in batches.filter(|r| !r.is_empty()) {
+    for r in batches.filter(|r: &&Records| !r.is_empty()) {
         let per_image = r.pixels.len() / r.len();
         let plane = per_image / layout::CHANNELS;
         for img in r.pixels.chunks_exact(per_image) {
@@ -544,6 +580,11 @@ pub(crate) fn channel_stats<'a>(batches: impl Iterator<Item = &'a Records>) -> (
             }
         }
     }
+    stats_of_histogram(&hist)
+}
+
+/// Per-channel mean and (population) std of pixel / 255 from each channel's histogram of bytes.
+pub(crate) fn stats_of_histogram(hist: &[[u64; 256]; 3]) -> ([f32; 3], [f32; 3]) {
     let mut mean = [0f32; 3];
     let mut std = [1f32; 3];
     for c in 0..3 {

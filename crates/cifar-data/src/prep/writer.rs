@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use safetensors::Dtype;
@@ -12,9 +13,20 @@ use safetensors::tensor::{Metadata, TensorInfo};
 use super::layout::{CHANNELS, Records, SIDE};
 use crate::error::{Error, IoContext, Result};
 
-/// Where the tensor data starts: the 8-byte header length plus a header of at most 16 KiB - 8,
-/// which also keeps every image row 4-byte (indeed page-) aligned in the memory map.
+/// Where the tensor data starts by default: the 8-byte header length plus a header of at most
+/// 16 KiB - 8 (CIFAR's metadata is 3 KiB), which also keeps every image row 4-byte (indeed
+/// page-) aligned in the memory map. [`TensorFileWriter::placed`] reserves more where the
+/// class names need it.
 pub const DATA_START: u64 = 16 * 1024;
+
+/// The room to reserve in front for a header whose metadata holds `names` (class names, split
+/// names: what grows with the dataset) besides the fixed fields: whole pages, so the data stays
+/// page-aligned.
+pub fn header_room<'a>(names: impl IntoIterator<Item = &'a str>) -> u64 {
+    // Each name JSON-escaped at worst six bytes a byte (`\u00XX`), plus quotes and a comma.
+    let named: u64 = names.into_iter().map(|n| 6 * n.len() as u64 + 3).sum();
+    (DATA_START + named).div_ceil(4096) * 4096
+}
 
 /// How pixels are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +159,8 @@ pub fn remove_stale_temporaries(dir: &Path) {
 /// One split's tensor file being written.
 pub struct TensorFileWriter {
     tmp: PathBuf,
+    /// Where the images start: the header's room in front.
+    data_start: u64,
     file: Option<File>,
     dtype: StoreDtype,
     /// `(height, width)` of every image.
@@ -165,11 +179,22 @@ impl TensorFileWriter {
 
     /// As [`TensorFileWriter::create`], for images of `(height, width)`.
     pub fn with_side(dir: &Path, tag: &str, dtype: StoreDtype, side: (usize, usize)) -> Result<Self> {
+        Self::with_room(dir, tag, dtype, side, DATA_START)
+    }
+
+    fn with_room(
+        dir: &Path,
+        tag: &str,
+        dtype: StoreDtype,
+        side: (usize, usize),
+        data_start: u64,
+    ) -> Result<Self> {
         let tmp = dir.join(format!(".{tag}.{}.tmp", std::process::id()));
         let mut file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).at(&tmp)?;
-        file.seek(SeekFrom::Start(DATA_START)).at(&tmp)?;
+        file.seek(SeekFrom::Start(data_start)).at(&tmp)?;
         Ok(TensorFileWriter {
             tmp,
+            data_start,
             file: Some(file),
             dtype,
             side,
@@ -179,7 +204,53 @@ impl TensorFileWriter {
         })
     }
 
-    /// Images written so far.
+    /// As [`TensorFileWriter::with_side`], for exactly `labels.len()` images that
+    /// [`TensorFileWriter::put`] writes at their places, in any order and from any thread;
+    /// `labels` are theirs, in order. `header_room` bytes (see [`header_room`]) are reserved in
+    /// front for the header.
+    pub fn placed(
+        dir: &Path,
+        tag: &str,
+        dtype: StoreDtype,
+        side: (usize, usize),
+        labels: Vec<i64>,
+        header_room: u64,
+    ) -> Result<Self> {
+        let mut w = Self::with_room(dir, tag, dtype, side, header_room)?;
+        w.images = labels.len();
+        w.labels = labels;
+        Ok(w)
+    }
+
+    /// Bytes one image takes in the file.
+    fn image_bytes(&self) -> usize {
+        CHANNELS * self.side.0 * self.side.1 * self.dtype.size()
+    }
+
+    /// Writes image `index` (planar `[3, H, W]` bytes of this writer's size) at its place,
+    /// normalized with `norm` when storing f32.
+    pub fn put(&self, index: usize, pixels: &[u8], norm: &Normalize) -> Result<()> {
+        debug_assert!(index < self.images);
+        debug_assert_eq!(pixels.len() * self.dtype.size(), self.image_bytes());
+        let file = self.file.as_ref().expect("put after finish");
+        let at = self.data_start + (index * self.image_bytes()) as u64;
+        match self.dtype {
+            StoreDtype::U8 => file.write_all_at(pixels, at).at(&self.tmp),
+            StoreDtype::F32 => {
+                let mut floats = vec![0f32; pixels.len()];
+                norm.image(pixels, &mut floats);
+                file.write_all_at(bytemuck::cast_slice(&floats), at).at(&self.tmp)
+            }
+        }
+    }
+
+    /// Reads back the stored bytes of images `first..first + n` (a u8 file's pixels) into `out`.
+    pub fn read_back(&self, first: usize, out: &mut [u8]) -> Result<()> {
+        let file = self.file.as_ref().expect("read after finish");
+        file.read_exact_at(out, self.data_start + (first * self.image_bytes()) as u64).at(&self.tmp)
+    }
+
+    /// Images written so far (for a placed writer, the images it holds).
     pub fn images(&self) -> usize {
         self.images
     }
@@ -193,10 +264,11 @@ impl TensorFileWriter {
         match self.dtype {
             StoreDtype::U8 => file.write_all(&records.pixels).at(&self.tmp)?,
             StoreDtype::F32 => {
-                // 256 images at a time: large writes, little memory.
-                const CHUNK: usize = 256;
-                let mut floats = vec![0f32; CHUNK * per_image];
-                for chunk in records.pixels.chunks(CHUNK * per_image) {
+                // About 4 MiB at a time (at least one image): large writes, little memory,
+                // whatever the images' size.
+                let chunk_images = ((1 << 20) / per_image).max(1);
+                let mut floats = vec![0f32; chunk_images.min(records.len().max(1)) * per_image];
+                for chunk in records.pixels.chunks(chunk_images * per_image) {
                     let n = chunk.len() / per_image;
                     for (img, out) in chunk.chunks_exact(per_image).zip(floats.chunks_exact_mut(per_image)) {
                         norm.image(img, out);
@@ -224,6 +296,8 @@ impl TensorFileWriter {
         let n = self.images;
         let (h, w) = self.side;
         let image_bytes = n * CHANNELS * h * w * self.dtype.size();
+        // Placed writers wrote out of order: the labels go after the last image's place.
+        file.seek(SeekFrom::Start(self.data_start + image_bytes as u64)).at(&self.tmp)?;
         let dtype = match self.dtype {
             StoreDtype::F32 => Dtype::F32,
             StoreDtype::U8 => Dtype::U8,
@@ -255,9 +329,13 @@ impl TensorFileWriter {
         let header = Metadata::new(Some(metadata), tensors)
             .map_err(|e| Error::format(&self.tmp, format!("header: {e}")))?;
         let mut header = serde_json::to_vec(&header).expect("header serializes");
-        let room = (DATA_START - 8) as usize;
+        let room = (self.data_start - 8) as usize;
         if header.len() > room {
-            return Err(Error::format(&self.tmp, format!("header of {} bytes exceeds {room}", header.len())));
+            // The room was sized for the names given up front: a bug, not the input's fault.
+            return Err(Error::format(
+                &self.tmp,
+                format!("header of {} bytes exceeds the {room} reserved for it", header.len()),
+            ));
         }
         header.resize(room, b' ');
         file.seek(SeekFrom::Start(0)).at(&self.tmp)?;

@@ -14,6 +14,8 @@ use crate::error::{Error, IoContext, Result};
 use crate::prep::StoreDtype;
 use crate::prep::layout::CHANNELS;
 
+use crate::prep::MAX_CLASSES;
+
 /// The largest header read (safetensors' own limit).
 const MAX_HEADER: u64 = 100_000_000;
 
@@ -84,7 +86,13 @@ impl TensorFile {
         }
         file.read_exact(&mut n).at(path)?;
         let n = u64::from_le_bytes(n);
-        if n > MAX_HEADER || 8 + n > file_len {
+        if n > MAX_HEADER {
+            return Err(bad(format!(
+                "declares a header of {n} bytes, more than the {MAX_HEADER} this reader takes \
+                 (safetensors' own limit)"
+            )));
+        }
+        if 8 + n > file_len {
             return Err(bad(format!(
                 "header length {n} does not fit in the file's {file_len} bytes (truncated?)"
             )));
@@ -137,6 +145,14 @@ impl TensorFile {
             Some(Err(e)) => return Err(bad(format!("metadata 'classes': {e}"))),
             None => Vec::new(),
         };
+        // What scales with the class count (a model's last layer, per-class counts) must not
+        // take the machine: refused here, before anything is built for them.
+        if classes.len() > MAX_CLASSES {
+            return Err(bad(format!(
+                "names {} classes, more than the {MAX_CLASSES} this tool takes",
+                classes.len()
+            )));
+        }
         let triple = |key: &str| -> Result<[f32; 3]> {
             match metadata.get(key).map(|v| serde_json::from_str(v)) {
                 Some(Ok(v)) => Ok(v),
@@ -179,9 +195,19 @@ impl TensorFile {
             mean,
             std,
         };
-        let classes = if out.classes.is_empty() { usize::MAX } else { out.classes.len() };
+        let named = !out.classes.is_empty();
+        let classes = if named { out.classes.len() } else { MAX_CLASSES };
         if let Some(i) = out.labels().iter().position(|&l| l < 0 || l as usize >= classes) {
-            return Err(bad(format!("label {} of sample {i} is out of range", out.labels()[i])));
+            let l = out.labels()[i];
+            return Err(bad(if named || l < 0 {
+                format!("label {l} of sample {i} is out of range")
+            } else {
+                format!(
+                    "label {l} of sample {i} would make {} classes, more than the {MAX_CLASSES} this \
+                     tool takes",
+                    l as u64 + 1
+                )
+            }));
         }
         Ok(out)
     }

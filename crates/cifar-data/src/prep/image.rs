@@ -1,0 +1,287 @@
+//! One image file's bytes to planar RGB, as Pillow's `convert("RGB")` gives them, and refused
+//! where decoding it would cost more than it weighs or Pillow would refuse it: more pixels
+//! than the limit (read from the header, before a pixel is decoded), a file cut short, no
+//! pixels at all. [`MemoryBudget`] bounds what the decoders of one conversion hold together.
+use std::path::Path;
+use std::sync::{Condvar, Mutex};
+
+use image::imageops::FilterType;
+
+use super::layout::CHANNELS;
+use crate::error::{Error, IoContext, Result};
+
+/// The default pixel limit: Pillow's `Image.MAX_IMAGE_PIXELS`. Pillow only warns above it (and
+/// refuses at twice it); this refuses above it, which is at least as safe.
+pub const MAX_IMAGE_PIXELS: u64 = 89_478_485;
+
+/// Bytes that decoding an image of `(width, height)` and resizing it to `out` (`(height, width)`)
+/// may hold at once, at most: the decoder's native pixels (up to 16 bytes a pixel, RGBA f32),
+/// their RGB copy, the resize's f32 intermediate and the planar result.
+pub fn decode_cost((w, h): (u32, u32), out: Option<(u32, u32)>) -> u64 {
+    let src = w as u64 * h as u64;
+    let (oh, ow) = out.map_or((h as u64, w as u64), |(oh, ow)| (oh as u64, ow as u64));
+    src * (16 + 3) + 16 * w as u64 * oh + 2 * 3 * oh * ow
+}
+
+/// The `(width, height)` an image file declares, read from its header alone.
+pub fn dimensions(bytes: &[u8], path: &Path) -> Result<(u32, u32)> {
+    if bytes.is_empty() {
+        return Err(Error::format(path, "is empty (0 bytes), not an image"));
+    }
+    if is_jpeg(bytes) {
+        let header = std::panic::catch_unwind(|| {
+            mozjpeg::Decompress::with_err(strict_jpeg_errors()).from_mem(bytes).map(|d| d.size())
+        });
+        return match header {
+            Ok(Ok((w, h))) => Ok((w as u32, h as u32)),
+            Ok(Err(e)) => Err(Error::format(path, format!("cannot be decoded as a JPEG: {e}"))),
+            Err(panic) => {
+                Err(Error::format(path, format!("cannot be decoded as a JPEG: {}", message(&panic))))
+            }
+        };
+    }
+    image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .at(path)?
+        .into_dimensions()
+        .map_err(|e| Error::format(path, format!("cannot be decoded as an image: {e}")))
+}
+
+/// Decodes one image file's bytes to planar RGB (`convert("RGB")`, as `ImageFolder`'s loader
+/// does), resized (bilinear, antialiased) to `size` `(height, width)` when given. Returns
+/// `(height, width, pixels)`. JPEGs go through libjpeg-turbo's decoder, as in Pillow, so the
+/// pixels are torchvision's; other formats through the `image` crate. An image of more than
+/// `max_pixels` pixels, of none, or cut short (Pillow's "image file is truncated") is an error
+/// naming `path`.
+pub fn decode(
+    bytes: &[u8],
+    size: Option<(u32, u32)>,
+    max_pixels: u64,
+    path: &Path,
+) -> Result<(u32, u32, Vec<u8>)> {
+    let (w, h) = dimensions(bytes, path)?;
+    check_pixels((w, h), max_pixels, path)?;
+    let mut rgb = match decode_jpeg(bytes) {
+        Some(Ok(rgb)) => rgb,
+        Some(Err(msg)) => return Err(Error::format(path, format!("cannot be decoded as a JPEG: {msg}"))),
+        None => {
+            let mut reader =
+                image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().at(path)?;
+            // The pixel count is checked above; the allocation bound backs it for decoders that
+            // allocate more than the header says.
+            let mut limits = image::Limits::default();
+            limits.max_alloc = Some(decode_cost((w, h), None).max(512 << 20));
+            reader.limits(limits);
+            reader
+                .decode()
+                .map_err(|e| Error::format(path, format!("cannot be decoded as an image: {e}")))?
+                .into_rgb8()
+        }
+    };
+    if rgb.dimensions() != (w, h) {
+        return Err(Error::format(
+            path,
+            format!("declares {w}x{h} in its header but decodes to {}x{}", rgb.width(), rgb.height()),
+        ));
+    }
+    if let Some((h, w)) = size
+        && rgb.dimensions() != (w, h)
+    {
+        rgb = image::imageops::resize(&rgb, w, h, FilterType::Triangle);
+    }
+    let (w, h) = rgb.dimensions();
+    let plane = (w * h) as usize;
+    let mut chw = vec![0u8; CHANNELS * plane];
+    for (i, px) in rgb.pixels().enumerate() {
+        for c in 0..CHANNELS {
+            chw[c * plane + i] = px.0[c];
+        }
+    }
+    Ok((h, w, chw))
+}
+
+/// Refuses an image of no pixels, or of more than `max_pixels`.
+pub fn check_pixels((w, h): (u32, u32), max_pixels: u64, path: &Path) -> Result<()> {
+    let pixels = w as u64 * h as u64;
+    if pixels == 0 {
+        return Err(Error::format(path, format!("is {w}x{h}: an image with no pixels")));
+    }
+    if pixels > max_pixels {
+        return Err(Error::format(
+            path,
+            format!(
+                "is {w}x{h} ({pixels} pixels), above the limit of {max_pixels} pixels (a \
+                 decompression bomb, or an image too large to convert): pass --max-image-pixels N \
+                 (max_image_pixels= in Python) to raise it"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn is_jpeg(bytes: &[u8]) -> bool {
+    bytes.starts_with(&[0xFF, 0xD8, 0xFF])
+}
+
+/// A JPEG (by its magic bytes, in a colour space libjpeg turns into RGB) decoded to RGB;
+/// `None` for anything else, left to the `image` crate.
+fn decode_jpeg(bytes: &[u8]) -> Option<std::result::Result<image::RgbImage, String>> {
+    if !is_jpeg(bytes) {
+        return None;
+    }
+    // libjpeg's fatal errors, and its end-of-file warning, unwind (without the panic hook):
+    // caught here.
+    let decoded = std::panic::catch_unwind(|| -> std::io::Result<Option<image::RgbImage>> {
+        let d = mozjpeg::Decompress::with_err(strict_jpeg_errors()).from_mem(bytes)?;
+        if matches!(d.color_space(), mozjpeg::ColorSpace::JCS_CMYK | mozjpeg::ColorSpace::JCS_YCCK) {
+            return Ok(None);
+        }
+        let mut d = d.rgb()?;
+        let (w, h) = (d.width() as u32, d.height() as u32);
+        let px: Vec<u8> = d.read_scanlines()?;
+        d.finish()?;
+        Ok(image::RgbImage::from_raw(w, h, px))
+    });
+    match decoded {
+        Ok(Ok(Some(img))) => Some(Ok(img)),
+        Ok(Ok(None)) => None,
+        Ok(Err(e)) => Some(Err(e.to_string())),
+        Err(panic) => Some(Err(message(&panic))),
+    }
+}
+
+fn message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "corrupt JPEG data".into())
+}
+
+/// libjpeg's standard error manager, except that fatal errors unwind with libjpeg's message (as
+/// mozjpeg's own manager does) and so does the warning that the data ended before the image
+/// did: libjpeg then fills the rest with grey, where Pillow raises "image file is truncated".
+/// Other warnings (extraneous bytes, a corrupt Huffman code) stay silent, as in Pillow.
+fn strict_jpeg_errors() -> mozjpeg_sys::jpeg_error_mgr {
+    // SAFETY: an all-zero `jpeg_error_mgr` (null function pointers, zero counts) is a valid value
+    // of this plain C struct, and `jpeg_std_error` only fills in its fields.
+    let mut err: mozjpeg_sys::jpeg_error_mgr = unsafe { std::mem::zeroed() };
+    // SAFETY: `err` is a live, exclusively borrowed error manager.
+    unsafe { mozjpeg_sys::jpeg_std_error(&mut err) };
+    err.error_exit = Some(unwind_on_error);
+    err.emit_message = Some(unwind_on_truncation);
+    err
+}
+
+/// libjpeg's message for the error or warning in `cinfo`.
+fn jpeg_message(cinfo: &mut mozjpeg_sys::jpeg_common_struct) -> String {
+    // SAFETY: libjpeg calls the error manager's hooks only with `err` pointing at the live
+    // manager it was created with.
+    let format = unsafe { (*cinfo.err).format_message };
+    let Some(format) = format else { return "corrupt JPEG data".into() };
+    // The binding declares the buffer shared though libjpeg writes into it (mozjpeg casts it
+    // so too): called through the signature libjpeg really has.
+    type Format = unsafe extern "C-unwind" fn(&mut mozjpeg_sys::jpeg_common_struct, &mut [u8; 80]);
+    // SAFETY: the two signatures differ only in the buffer's mutability, not in its ABI.
+    let format: Format = unsafe { std::mem::transmute(format) };
+    let mut buffer = [0u8; 80];
+    // SAFETY: `format_message` writes a NUL-terminated message of at most 80 bytes
+    // (JMSG_LENGTH_MAX) into the buffer it is given, reading only `cinfo`.
+    unsafe { format(cinfo, &mut buffer) };
+    let text = buffer.split(|&c| c == 0).next().unwrap_or_default();
+    String::from_utf8_lossy(text).into_owned()
+}
+
+extern "C-unwind" fn unwind_on_error(cinfo: &mut mozjpeg_sys::jpeg_common_struct) {
+    std::panic::resume_unwind(Box::new(jpeg_message(cinfo)));
+}
+
+extern "C-unwind" fn unwind_on_truncation(
+    cinfo: &mut mozjpeg_sys::jpeg_common_struct,
+    level: std::ffi::c_int,
+) {
+    // SAFETY: as in `jpeg_message`.
+    let code = unsafe { (*cinfo.err).msg_code };
+    if level < 0 && code == mozjpeg_sys::JWRN_JPEG_EOF as std::ffi::c_int {
+        std::panic::resume_unwind(Box::new(format!("image file is truncated ({})", jpeg_message(cinfo))));
+    }
+}
+
+/// Bytes of memory shared by the decoders of one conversion: each takes what its image may
+/// cost ([`decode_cost`]) before decoding and gives it back once the pixels are written, so
+/// that together they never hold more than the budget (an image larger than all of it waits
+/// to run alone).
+pub struct MemoryBudget {
+    total: u64,
+    used: Mutex<u64>,
+    freed: Condvar,
+}
+
+/// A share of a [`MemoryBudget`], given back when dropped.
+pub struct Share<'a> {
+    budget: &'a MemoryBudget,
+    bytes: u64,
+}
+
+impl MemoryBudget {
+    /// A budget of `total` bytes.
+    pub fn new(total: u64) -> Self {
+        MemoryBudget { total, used: Mutex::new(0), freed: Condvar::new() }
+    }
+
+    /// The budget a conversion takes on this machine: a quarter of the memory available now
+    /// (1 GiB where that cannot be read).
+    pub fn for_this_machine() -> Self {
+        #[cfg(target_os = "linux")]
+        let total = crate::store::available_memory().map_or(1 << 30, |m| m / 4);
+        #[cfg(not(target_os = "linux"))]
+        let total = 1u64 << 30;
+        Self::new(total.max(64 << 20))
+    }
+
+    /// Bytes in all.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Waits until `bytes` fit beside what the others hold (or nothing else is held), then takes them.
+    pub fn take(&self, bytes: u64) -> Share<'_> {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        while *used > 0 && *used + bytes > self.total {
+            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += bytes;
+        Share { budget: self, bytes }
+    }
+}
+
+impl Drop for Share<'_> {
+    fn drop(&mut self) {
+        let mut used = self.budget.used.lock().unwrap_or_else(|e| e.into_inner());
+        *used -= self.bytes;
+        self.budget.freed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_wait_for_room_and_a_large_one_runs_alone() {
+        let budget = MemoryBudget::new(100);
+        let a = budget.take(60);
+        let taken = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let _b = budget.take(150); // larger than the whole budget: waits for `a`
+                taken.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert!(!taken.load(std::sync::atomic::Ordering::SeqCst), "took room it did not have");
+            drop(a);
+        });
+        assert!(taken.load(std::sync::atomic::Ordering::SeqCst));
+        assert_eq!(*budget.used.lock().unwrap(), 0);
+    }
+}

@@ -209,6 +209,12 @@ impl Checkpoint {
             if view.dtype() != Dtype::F32 {
                 return Err(bad(format!("{name} is {:?}, expected F32", view.dtype())));
             }
+            // A NaN or infinite weight trains nothing but NaNs: refused, not resumed.
+            let values: Vec<f32> =
+                view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(bad(format!("{name} holds a non-finite value ({}) at element {i}", values[i])));
+            }
             let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
             let t = Tensor::from_data_size(view.data(), &shape, Kind::Float);
             match name.split_once('/') {
@@ -219,6 +225,42 @@ impl Checkpoint {
             }
         }
         Ok(Checkpoint { settings, position, weights, momentum, lookahead })
+    }
+}
+
+/// A run's hold on its checkpoint directory (`DIR/.lock`, an exclusive `flock`), for its whole
+/// life: a second run on the same directory is refused at its start instead of replacing the
+/// first's checkpoints. The kernel drops the lock when the process ends, however it ends.
+pub(crate) struct DirLock {
+    _file: std::fs::File,
+}
+
+impl DirLock {
+    /// Takes `dir`'s lock (making `dir`), or says which run holds it. A `fresh` run (neither
+    /// resuming nor overwriting) is then refused if a checkpoint is there: another run may
+    /// have written one since the settings were checked.
+    pub(crate) fn take(dir: &Path, fresh: bool) -> Result<DirLock> {
+        use std::os::fd::AsRawFd;
+        std::fs::create_dir_all(dir).at(dir)?;
+        let path = dir.join(".lock");
+        let file =
+            std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).at(&path)?;
+        // SAFETY: flock on a descriptor this function owns; it touches no memory.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(Error::format(
+                dir,
+                "is the checkpoint directory of another run still going (it holds DIR/.lock): \
+                 wait for it to end, or give this run its own --checkpoint",
+            ));
+        }
+        if fresh && path_in(dir).exists() {
+            return Err(Error::format(
+                dir,
+                "holds a checkpoint (another run wrote it meanwhile): continue it with --resume, or \
+                 start afresh over it with --overwrite",
+            ));
+        }
+        Ok(DirLock { _file: file })
     }
 }
 

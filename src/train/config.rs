@@ -231,6 +231,7 @@ impl TrainConfig {
                 directory_or_nothing(flag, d)?;
             }
         }
+        self.outputs_are_distinct()?;
         if let Device::Cuda(i) = self.device
             && (i as i64) >= tch::Cuda::device_count()
         {
@@ -245,6 +246,55 @@ impl TrainConfig {
     /// The loss lines' interval: `log_every`, or every 8,000 images rounded up to a step.
     pub fn log_interval(&self) -> usize {
         self.log_every.unwrap_or(8000usize.div_ceil(self.batch_size.max(1)))
+    }
+}
+
+impl TrainConfig {
+    /// Refuses two outputs of the run at one place (`--metrics F --export F`), or an output
+    /// over the data it trains on: the later write would silently replace the earlier.
+    fn outputs_are_distinct(&self) -> Result<()> {
+        let mut places: Vec<(String, PathBuf)> = Vec::new();
+        let mut add = |what: String, p: &Path| places.push((what, same_place(p)));
+        add("the training split".into(), &self.train);
+        if let Some(t) = &self.test {
+            add("the test split".into(), t);
+        }
+        for (flag, path) in [
+            ("--metrics", &self.metrics),
+            ("--export", &self.export),
+            ("--preview-batch", &self.preview_batch),
+        ] {
+            if let Some(p) = path {
+                add(format!("{flag} {}", p.display()), p);
+            }
+        }
+        if let Some(dir) = &self.checkpoint {
+            add(format!("--checkpoint {}", dir.display()), &super::checkpoint::path_in(dir));
+        }
+        if let Some(dir) = &self.plot {
+            for chart in super::plots::CHARTS {
+                add(format!("--plot {}", dir.display()), &dir.join(chart));
+            }
+        }
+        for (i, (a, pa)) in places.iter().enumerate() {
+            if let Some((b, _)) = places[..i].iter().find(|(_, pb)| pb == pa) {
+                return Err(Error::Config(format!(
+                    "{a} and {b} are one file ({}): one would overwrite the other",
+                    pa.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `p` as one spelling of its place: its directory resolved (links, `..`), then its name.
+fn same_place(p: &Path) -> PathBuf {
+    let parent = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = parent.canonicalize().unwrap_or_else(|_| std::path::absolute(parent).unwrap_or_default());
+    match p.file_name() {
+        Some(name) => parent.join(name),
+        None => parent,
     }
 }
 

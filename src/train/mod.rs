@@ -133,6 +133,8 @@ struct Run<'a> {
     populate_seconds: f64,
     /// An evaluation was interrupted: the run ends after its checkpoint.
     interrupted: bool,
+    /// Rank 0's hold on the checkpoint directory, for the run's life.
+    _lock: Option<checkpoint::DirLock>,
 }
 
 impl<'a> Run<'a> {
@@ -145,7 +147,17 @@ impl<'a> Run<'a> {
         progress: &mut dyn Progress,
     ) -> Result<(Run<'a>, Batches)> {
         let (rank, world) = group.map_or((0, 1), |g| (g.rank(), g.world()));
-        let opened = open(cfg, world);
+        // Rank 0 writes the checkpoints, so it holds the directory; its refusal, like any
+        // rank's, reaches every rank through the agreement below.
+        let mut lock = None;
+        let opened = open(cfg, world).and_then(|o| {
+            if rank == 0
+                && let Some(dir) = &cfg.checkpoint
+            {
+                lock = Some(checkpoint::DirLock::take(dir, !cfg.resume && !cfg.overwrite)?);
+            }
+            Ok(o)
+        });
         if let Some(g) = group {
             agree::settings(g, cfg, &opened)?;
         }
@@ -161,6 +173,9 @@ impl<'a> Run<'a> {
             fast::init_whitening(&vs, &fast::first_images(&train, fast::WHITEN_IMAGES, cfg.device)?, 5e-4);
         }
         let resumed = agree::start(cfg, group, &vs, &mut opt, &settings)?;
+        if let Some(dir) = cfg.checkpoint.as_deref().filter(|_| cfg.resume) {
+            plan.check_position(&resumed.position).map_err(|m| Error::format(checkpoint::path_in(dir), m))?;
+        }
         let mut schedule = plan.schedule.then(|| {
             let batch = cfg.batch_size.min(train.len());
             Schedule::new(&vs, &mut opt, batch, (cfg.lr, cfg.weight_decay), plan.total)
@@ -211,6 +226,7 @@ impl<'a> Run<'a> {
             start: resumed.position,
             populate_seconds,
             interrupted: false,
+            _lock: lock,
         };
         Ok((run, data))
     }

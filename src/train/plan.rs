@@ -52,6 +52,33 @@ pub(crate) fn eval_batch_size(batch_size: usize) -> usize {
 }
 
 impl Plan {
+    /// Refuses a checkpoint's position that this plan cannot have reached: a step beyond its
+    /// epoch, a step count that is not the epochs' and steps' sum, or more steps than the run has.
+    pub fn check_position(&self, p: &super::Position) -> std::result::Result<(), String> {
+        // A stop on an epoch's last step is at step `per_epoch` of it.
+        if p.step > self.per_epoch {
+            return Err(format!(
+                "is at step {} of an epoch of {} steps: not a position of this run",
+                p.step, self.per_epoch
+            ));
+        }
+        let sum = p.epoch.checked_mul(self.per_epoch as u64).and_then(|s| s.checked_add(p.step as u64));
+        if sum != Some(p.global_step as u64) {
+            return Err(format!(
+                "counts {} steps in all, but epoch {} step {} of {}-step epochs make {}: corrupt",
+                p.global_step,
+                p.epoch,
+                p.step,
+                self.per_epoch,
+                sum.map_or("more than can be counted".into(), |s| s.to_string())
+            ));
+        }
+        if p.global_step > self.total {
+            return Err(format!("is at step {}, beyond this run's {} steps", p.global_step, self.total));
+        }
+        Ok(())
+    }
+
     /// The plan of `cfg` over `train_len` training samples, on `world` ranks, with or without
     /// a test split.
     pub fn new(cfg: &TrainConfig, train_len: usize, world: usize, has_test: bool) -> Plan {

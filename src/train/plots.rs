@@ -141,19 +141,45 @@ pub fn confusion_chart(path: &Path, eval: &Evaluation, classes: &[String]) -> Re
     root.present().map_err(|e| err(e.to_string()))
 }
 
+/// The charts' file names.
+pub const CHARTS: [&str; 5] = ["loss.svg", "speed.svg", "data-wait.svg", "accuracy.svg", "confusion.svg"];
+
 /// A chart's file name and why it was not drawn.
 pub type NotDrawn = (String, String);
 
 /// Writes every chart the run has data for into `dir`; returns the files written, and the
-/// charts not drawn with the reason.
+/// charts not drawn with the reason. A directory this made is not left behind empty, and a
+/// failure leaves none of the charts it began.
 pub fn write_all(
     dir: &Path,
     history: &History,
     eval: Option<&Evaluation>,
     classes: &[String],
 ) -> Result<(Vec<PathBuf>, Vec<NotDrawn>)> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let existed = dir.exists();
     let (mut files, mut skipped) = (Vec::new(), Vec::new());
+    let drawn = write_charts(dir, history, eval, classes, &mut files, &mut skipped);
+    if drawn.is_err() {
+        for f in &files {
+            let _ = std::fs::remove_file(f);
+        }
+        files.clear();
+    }
+    if !existed && files.is_empty() {
+        let _ = std::fs::remove_dir(dir);
+    }
+    drawn.map(|()| (files, skipped))
+}
+
+fn write_charts(
+    dir: &Path,
+    history: &History,
+    eval: Option<&Evaluation>,
+    classes: &[String],
+    files: &mut Vec<PathBuf>,
+    skipped: &mut Vec<NotDrawn>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let steps = |v: &[(usize, f64)]| v.iter().map(|&(s, y)| (s as i64, y)).collect::<Vec<_>>();
     if history.loss.len() >= 2 {
         let raw: Vec<f64> = history.loss.iter().map(|p| p.1).collect();
@@ -210,5 +236,5 @@ pub fn write_all(
         }
         None => skipped.push(("confusion.svg".into(), "the model was not evaluated".into())),
     }
-    Ok((files, skipped))
+    Ok(())
 }

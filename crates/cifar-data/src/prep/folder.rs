@@ -301,6 +301,8 @@ pub fn prepare(
         }
     }
     let classes: Vec<String> = first_classes.iter().map(|s| s.to_string()).collect();
+    let outputs: Vec<PathBuf> = classes_of.keys().map(|split| output_path(out_dir, &name, split)).collect();
+    super::input_is_not_an_output(input, outputs.iter().map(PathBuf::as_path))?;
     super::check_class_count(classes.len(), input)?;
     let label: HashMap<&str, i64> = classes.iter().enumerate().map(|(i, c)| (c.as_str(), i as i64)).collect();
     let split_names: Vec<String> = classes_of.keys().map(|s| s.to_string()).collect();

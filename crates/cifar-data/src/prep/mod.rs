@@ -301,6 +301,31 @@ pub fn prepare(
     result.map_err(|e| name_the_input(e, input))
 }
 
+/// Refuses to write `outputs` when one of them is `input` itself (the same file, by any name):
+/// renaming a split into place would destroy the input it is made from.
+pub(crate) fn input_is_not_an_output<'a>(
+    input: &Path,
+    outputs: impl IntoIterator<Item = &'a Path>,
+) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(inp) = std::fs::metadata(input) else { return Ok(()) };
+    for out in outputs {
+        if let Ok(o) = std::fs::metadata(out)
+            && (o.dev(), o.ino()) == (inp.dev(), inp.ino())
+        {
+            return Err(Error::format(
+                input,
+                format!(
+                    "is also where this conversion writes {}: it would be replaced by its own output \
+                     (move it, or choose another --out or --name)",
+                    out.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// An error about one of the temporary files being written, said of the input it was made
 /// from: a temporary name alone tells the user nothing.
 fn name_the_input(e: Error, input: &Path) -> Error {
@@ -320,6 +345,11 @@ fn prepare_cifar(
     progress: &indicatif::ProgressBar,
 ) -> Result<PrepSummary> {
     let start = Instant::now();
+    let outputs: Vec<PathBuf> = [Kind::Cifar10, Kind::Cifar100]
+        .into_iter()
+        .flat_map(|k| [Split::Train, Split::Test].map(|s| output_path(out_dir, k, s)))
+        .collect();
+    input_is_not_an_output(input, outputs.iter().map(PathBuf::as_path))?;
     let print = fingerprint(input)?;
     if !opts.force
         && let Some(done) = up_to_date(input, &print, out_dir, opts)?

@@ -61,7 +61,7 @@ struct Args {
     #[arg(long, requires = "download")]
     url: Option<String>,
     /// The md5 the download must have (by default, the official one).
-    #[arg(long, requires = "download")]
+    #[arg(long, requires = "download", value_parser = common::parse_md5)]
     md5: Option<String>,
     /// Give the download up when the server is silent this long (to connect, answer or send).
     #[arg(long, value_name = "SECONDS", default_value_t = 30, requires = "download",

@@ -44,7 +44,7 @@ struct Args {
     #[arg(long, value_name = "URL")]
     download_url: Option<String>,
     /// The md5 that download must have (default: the official tarball's).
-    #[arg(long, value_name = "HEX", requires = "download_url")]
+    #[arg(long, value_name = "HEX", requires = "download_url", value_parser = common::parse_md5)]
     download_md5: Option<String>,
     /// Samples per batch [default: 4; --recipe fast: 1024].
     #[arg(long)]
@@ -140,6 +140,10 @@ struct Args {
     #[arg(long, visible_alias = "nproc_per_node", value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..))]
     nproc_per_node: Option<u16>,
+    /// With --nproc-per-node: start more CPU ranks than this machine has cores (as MPI's
+    /// --oversubscribe); each then trains slower than one process would.
+    #[arg(long, requires = "nproc_per_node")]
+    oversubscribe: bool,
     /// Data-parallel runs: seconds a rank waits for the others (to join, and at each step)
     /// before naming the rank that is gone or hangs and ending with an error.
     #[arg(long, value_name = "SECONDS", default_value_t = 30,
@@ -352,6 +356,9 @@ fn run(args: Args, interrupt: &Interrupt) -> anyhow::Result<()> {
         if args.recipe == RecipeArg::Fast {
             bail!("--recipe fast trains in one process: leave out --nproc-per-node");
         }
+        if !device.is_cuda() {
+            launch::check_local_ranks(nproc, args.oversubscribe)?;
+        }
         if device.is_cuda() && nproc as i64 > tch::Cuda::device_count() {
             bail!(
                 "--nproc-per-node {nproc} on CUDA takes one GPU a rank, and there are {} here (use \
@@ -371,7 +378,7 @@ fn run(args: Args, interrupt: &Interrupt) -> anyhow::Result<()> {
             (None, find_data(&args)?)
         }
         Some(l) => {
-            let g = ProcessGroup::join(l, device, Duration::from_secs(args.dist_timeout))?;
+            let g = ProcessGroup::join_within(l, device, Duration::from_secs(args.dist_timeout), interrupt)?;
             g.exchange("check", checked.map(|()| String::new()).map_err(|e| e.to_string()))?;
             let data = rank_data(&g, l.local_rank == 0, &args)?;
             (Some(g), data)

@@ -77,11 +77,18 @@ pub fn local(
     interrupt: &Interrupt,
 ) -> Result<Vec<RankExit>> {
     let port = free_port()?;
-    // Whatever ends this function early (a rank that cannot start, a failed wait), the ranks
-    // still running are stopped with it: none outlives the launcher's error.
+    // Whatever ends this function early (a rank that cannot start, a failed wait, a stop asked
+    // for while they start), the ranks still running are stopped with it: none outlives the
+    // launcher's error. Should the launcher itself be killed, each rank's parent-death signal
+    // ends it.
     let mut children = Running(Vec::with_capacity(n));
     for rank in 0..n {
-        let child = rank_command(exe, rank, n, port).args(args).spawn().map_err(|e| Error::io(exe, e))?;
+        if interrupt.requested() {
+            return Err(Error::Interrupted);
+        }
+        let mut cmd = rank_command(exe, rank, n, port);
+        end_with_parent(&mut cmd);
+        let child = cmd.args(args).spawn().map_err(|e| Error::io(exe, e))?;
         children.0.push((rank, child));
     }
     let children = &mut children.0;
@@ -125,6 +132,58 @@ pub fn local(
     exits.sort_by_key(|e| e.rank);
     Ok(exits)
 }
+
+/// Makes the process `cmd` starts receive SIGKILL when this thread (the launcher's main thread,
+/// which waits for the ranks) ends, however it ends: ranks never outlive a killed launcher.
+fn end_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getpid is async-signal-safe and touches no memory.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the forked child before exec and calls only async-signal-safe
+    // functions (prctl, getppid, raise), allocating nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The launcher may have died between the fork and the prctl.
+            if libc::getppid() != parent {
+                libc::raise(libc::SIGKILL);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Refuses `n` local CPU ranks on a machine with fewer cores (unless `oversubscribe`: each rank
+/// then runs slower than one process would) or with less memory than `n` ranks take
+/// ([`RANK_MEMORY`] each, whatever the flag).
+pub fn check_local_ranks(n: usize, oversubscribe: bool) -> Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    if n > cores && !oversubscribe {
+        return Err(Error::Config(format!(
+            "--nproc-per-node {n}: more CPU ranks than this machine's {cores} cores (each would \
+             train slower than one process); pass --oversubscribe to start them anyway"
+        )));
+    }
+    if let Some(free) = cifar_data::store::available_memory() {
+        let need = n as u64 * RANK_MEMORY;
+        if need > free {
+            return Err(Error::Config(format!(
+                "--nproc-per-node {n}: {n} ranks take about {:.1} GB ({} MB each), and {:.1} GB is \
+                 available",
+                need as f64 / 1e9,
+                RANK_MEMORY >> 20,
+                free as f64 / 1e9
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The memory one CPU rank takes at least: libtorch, its threads, the model, the loader's
+/// buffers (the data's mapping is shared by all).
+pub const RANK_MEMORY: u64 = 300 << 20;
 
 /// The ranks not yet waited for; killed and reaped when dropped.
 struct Running(Vec<(usize, Child)>);

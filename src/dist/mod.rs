@@ -227,6 +227,55 @@ impl ProcessGroup {
         Launch::from_env()?.map(|l| ProcessGroup::join(&l, device, timeout)).transpose()
     }
 
+    /// [`ProcessGroup::join`], bounded whatever answers at `MASTER_ADDR:MASTER_PORT`: an address
+    /// that does not resolve is one error naming it; a join still unfinished after `timeout`
+    /// (a port served by something that is not a store, which c10d waits on for ever) or
+    /// interrupted by `interrupt` ends the process with one line naming the address (exit 1,
+    /// or 130 when interrupted): no thread can be made to leave c10d's blocking calls.
+    pub fn join_within(
+        launch: &Launch,
+        device: Device,
+        timeout: Duration,
+        interrupt: &crate::interrupt::Interrupt,
+    ) -> Result<ProcessGroup> {
+        use std::net::ToSocketAddrs;
+        let (addr, port) = (launch.master_addr.clone(), launch.master_port);
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let watch = interrupt.clone();
+        let rank = launch.rank;
+        let deadline = std::time::Instant::now() + timeout + Duration::from_secs(5);
+        let watchdog = std::thread::spawn(move || {
+            loop {
+                match done_rx.recv_timeout(Duration::from_millis(100)) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+                let (why, code) = if watch.requested() {
+                    ("interrupted while joining", 130)
+                } else if std::time::Instant::now() > deadline {
+                    ("no rendezvous store answered", 1)
+                } else {
+                    continue;
+                };
+                eprintln!(
+                    "cifar-train: error: rank {rank}: {why} at {addr}:{port} (MASTER_ADDR:MASTER_PORT) \
+                     within {} s: is a c10d store served there?",
+                    timeout.as_secs()
+                );
+                std::process::exit(code);
+            }
+        });
+        let joined = (launch.master_addr.as_str(), port)
+            .to_socket_addrs()
+            .map_err(|e| {
+                Error::Distributed(format!("MASTER_ADDR {}: cannot be resolved ({e})", launch.master_addr))
+            })
+            .and_then(|_| Self::join(launch, device, timeout));
+        let _ = done_tx.send(());
+        let _ = watchdog.join();
+        joined
+    }
+
     /// Joins the job `launch` describes: connects to (rank 0: serves) the TCPStore at
     /// `MASTER_ADDR:MASTER_PORT`, then makes the process group under the keys Python's
     /// default group uses, so `torch.distributed.init_process_group` ranks could join it.

@@ -51,3 +51,12 @@ pub fn parse_args<T: clap::Parser>() -> T {
         std::process::exit(if e.use_stderr() { 1 } else { 0 })
     })
 }
+
+/// An md5 digest as given on the command line: 32 hexadecimal digits (any case), refused
+/// before anything is downloaded otherwise.
+pub fn parse_md5(s: &str) -> Result<String, String> {
+    if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("{s:?} is not an md5 digest (32 hexadecimal digits, {} given)", s.len()));
+    }
+    Ok(s.to_ascii_lowercase())
+}

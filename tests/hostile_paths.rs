@@ -169,3 +169,50 @@ fn a_checkpoint_whose_position_or_weights_no_run_could_write_is_refused() {
     let o = train(&dir, &["--checkpoint", good.to_str().unwrap(), "--resume", "--max-steps", "5"]);
     assert!(o.status.success(), "{}", text(&o));
 }
+
+#[test]
+fn a_conversion_failing_between_its_renames_leaves_the_earlier_pair() {
+    let dir = scratch("paths_split_pair");
+    let out = dir.join("out");
+    let (a, b) = (dir.join("a.tar.gz"), dir.join("b.tar.gz"));
+    tar_gz(&a, &cifar10_members(10, 10, false));
+    tar_gz(&b, &cifar10_members(12, 10, false));
+    let o = run(prep_exe(), &[&a, &"--out", &out]);
+    assert!(o.status.success(), "{}", text(&o));
+    let train_a = std::fs::read(out.join("cifar10-train.safetensors")).unwrap();
+    // The test split's rename fails (a directory is in its place) after the train split's
+    // succeeded: the train split renamed is put back.
+    std::fs::remove_file(out.join("cifar10-test.safetensors")).unwrap();
+    std::fs::create_dir_all(out.join("cifar10-test.safetensors/x")).unwrap();
+    let o = run(prep_exe(), &[&b, &"--out", &out]);
+    refused(&o, &["cifar10-test.safetensors"]);
+    assert_eq!(std::fs::read(out.join("cifar10-train.safetensors")).unwrap(), train_a, "a mix was left");
+    let left: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("journal") || n.contains("backup") || n.ends_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // Conversions racing into one directory leave one conversion's pair, whichever.
+    std::fs::remove_dir_all(out.join("cifar10-test.safetensors")).unwrap();
+    for _ in 0..6 {
+        let spawn = |input: &Path| {
+            Command::new(prep_exe())
+                .arg(input)
+                .args(["--force", "--out"])
+                .arg(&out)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        let (mut x, mut y) = (spawn(&a), spawn(&b));
+        assert!(x.wait().unwrap().success() && y.wait().unwrap().success());
+        let files: Vec<cifar_fast::TensorFile> = ["train", "test"]
+            .iter()
+            .map(|s| cifar_fast::TensorFile::open(out.join(format!("cifar10-{s}.safetensors"))).unwrap())
+            .collect();
+        assert!(cifar_fast::prep::same_conversion(&files), "a mixed pair");
+    }
+}

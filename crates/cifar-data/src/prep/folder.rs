@@ -402,7 +402,7 @@ pub fn prepare(
         let path = output_path(out_dir, &name, split);
         sealed.push((SplitSummary { split: split.clone(), path, images, per_class, bytes: file.size }, file));
     }
-    let mut splits = super::persist_all(sealed)?;
+    let mut splits = super::persist_all(out_dir, sealed)?;
     splits.sort_by_key(|s| (s.split != "train", s.split.clone()));
     let source = super::tarball::SourceInfo::named(input);
     Ok(PrepSummary {

@@ -10,6 +10,7 @@ pub mod folder;
 pub mod image;
 pub mod layout;
 pub mod listing;
+mod persist;
 // The pickle reader is this crate's own business; the fuzz targets reach it with the
 // `fuzzing` feature.
 #[cfg(feature = "fuzzing")]
@@ -155,13 +156,12 @@ pub fn check_class_count(classes: usize, input: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Renames each sealed split into place, in order, and returns their summaries.
-fn persist_all(sealed: Vec<(SplitSummary, writer::Sealed)>) -> Result<Vec<SplitSummary>> {
-    let mut splits = Vec::with_capacity(sealed.len());
-    for (summary, file) in sealed {
-        file.persist(&summary.path)?;
-        splits.push(summary);
-    }
+/// Renames every sealed split into place in `dir`, all or none ([`persist`]), and returns
+/// their summaries.
+fn persist_all(dir: &Path, sealed: Vec<(SplitSummary, writer::Sealed)>) -> Result<Vec<SplitSummary>> {
+    let (splits, files): (Vec<SplitSummary>, Vec<(PathBuf, writer::Sealed)>) =
+        sealed.into_iter().map(|(s, f)| (s.clone(), (s.path, f))).unzip();
+    persist::persist_all(dir, files)?;
     Ok(splits)
 }
 
@@ -484,7 +484,7 @@ fn prepare_cifar(
             file,
         ));
     }
-    let splits = persist_all(sealed)?;
+    let splits = persist_all(out_dir, sealed)?;
     let dataset = kind.name().into();
     Ok(PrepSummary {
         dataset,

@@ -216,3 +216,14 @@ fn a_conversion_failing_between_its_renames_leaves_the_earlier_pair() {
         assert!(cifar_fast::prep::same_conversion(&files), "a mixed pair");
     }
 }
+
+#[test]
+fn a_plot_directory_with_nothing_to_draw_is_not_left_behind() {
+    let dir = scratch("paths_empty_plot");
+    tensor_file(&dir, 10, cifar_fast::prep::StoreDtype::U8);
+    let plot = dir.join("charts");
+    // One step and no evaluation: no chart has data.
+    let o = train(&dir, &["--max-steps", "1", "--no-eval", "--plot", plot.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!plot.exists(), "an empty {} was left", plot.display());
+}

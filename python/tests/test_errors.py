@@ -141,3 +141,18 @@ def test_a_file_replaced_under_a_live_loader_keeps_its_data(tmp_path, train_file
     rest = [x for x, _ in it]
     got = torch.cat([first] + rest)
     assert torch.equal(got, torch.stack(want))
+
+
+def test_an_image_above_the_pixel_limit_is_a_format_error_and_the_limit_can_be_raised(tmp_path):
+    from PIL import Image
+    for split in ("train", "test"):
+        d = tmp_path / "f" / split / "cat"
+        d.mkdir(parents=True)
+        Image.new("RGB", (40, 30), (1, 2, 3)).save(d / "a.png")
+    with pytest.raises(cifar_fast.FormatError, match="40x30 .*above the limit of 1000 pixels"):
+        cifar_fast.prepare(tmp_path / "f", out=tmp_path / "out", max_image_pixels=1000)
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+    with pytest.raises(ValueError, match="max_image_pixels"):
+        cifar_fast.prepare(tmp_path / "f", out=tmp_path / "out", max_image_pixels=0)
+    splits = cifar_fast.prepare(tmp_path / "f", out=tmp_path / "out", max_image_pixels=1200, name="f")
+    assert sorted(splits) == ["test", "train"]

@@ -115,3 +115,35 @@ fn recover(dir: &Path) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_journal_left_by_a_killed_conversion_is_rolled_back() {
+        let dir = std::env::temp_dir().join(format!("cifar-persist-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // pid 4194304 is above Linux's largest: a process that cannot be running.
+        let dead = 4_194_304u32;
+        let (train, test) = (dir.join("x-train.safetensors"), dir.join("x-test.safetensors"));
+        let backup = dir.join(format!("{BACKUP}{dead}.x-train.safetensors"));
+        // Killed after renaming a new train split over the old one (kept as the backup) and a
+        // new test split where there was none.
+        std::fs::write(&train, "new train").unwrap();
+        std::fs::write(&backup, "old train").unwrap();
+        std::fs::write(&test, "new test").unwrap();
+        let stray = dir.join(format!("{BACKUP}{dead}.y-train.safetensors"));
+        std::fs::write(&stray, "a backup without its journal").unwrap();
+        std::fs::write(
+            dir.join(format!("{JOURNAL}{dead}")),
+            format!("{}\t{}\n{}\t\n", train.display(), backup.display(), test.display()),
+        )
+        .unwrap();
+        recover(&dir);
+        assert_eq!(std::fs::read_to_string(&train).unwrap(), "old train");
+        assert!(!test.exists() && !backup.exists() && !stray.exists());
+        assert!(!dir.join(format!("{JOURNAL}{dead}")).exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -15,15 +15,6 @@ fn train_cmd(data: &std::path::Path) -> Command {
     c
 }
 
-fn refused(o: &std::process::Output, says: &[&str]) {
-    let msg = text(o);
-    assert_eq!(o.status.code(), Some(1), "{msg}");
-    for s in says {
-        assert!(msg.contains(s), "{s:?} not in: {msg}");
-    }
-    assert!(!msg.contains("panicked"), "{msg}");
-}
-
 /// The pids of `pid`'s children.
 fn children(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
@@ -46,10 +37,10 @@ fn more_ranks_than_cores_or_memory_are_refused_before_any_starts() {
     tensor_file(&dir, 10, cifar_fast::prep::StoreDtype::U8);
     let cores = std::thread::available_parallelism().unwrap().get();
     let o = train_cmd(&dir).args(["--nproc-per-node", &(cores + 1).to_string()]).output().unwrap();
-    refused(&o, &[&format!("{cores} cores"), "--oversubscribe"]);
+    assert_refused(&o, &[&format!("{cores} cores"), "--oversubscribe"]);
     let start = Instant::now();
     let o = train_cmd(&dir).args(["--nproc-per-node", "60000", "--oversubscribe"]).output().unwrap();
-    refused(&o, &["60000 ranks take about", "available"]);
+    assert_refused(&o, &["60000 ranks take about", "available"]);
     assert!(start.elapsed() < Duration::from_secs(20), "took {:?}", start.elapsed());
 }
 
@@ -117,7 +108,7 @@ fn a_rendezvous_with_something_that_is_not_a_store_ends_within_the_timeout() {
         .output()
         .unwrap();
     let took = start.elapsed();
-    refused(&o, &[&format!("127.0.0.1:{port}")]);
+    assert_refused(&o, &[&format!("127.0.0.1:{port}")]);
     assert!(took < Duration::from_secs(20), "took {took:?} for a 3 s timeout");
 
     // SIGTERM while it waits there ends it at once, as Ctrl-C does.
@@ -161,7 +152,7 @@ fn an_unresolvable_master_addr_is_one_line_naming_it() {
         ])
         .output()
         .unwrap();
-    refused(&o, &["no-such-host.invalid", "cannot be resolved"]);
+    assert_refused(&o, &["no-such-host.invalid", "cannot be resolved"]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }

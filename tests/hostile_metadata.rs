@@ -9,42 +9,11 @@ use std::process::Command;
 use cifar_fast::TensorFile;
 use common::*;
 
-/// Copies the tensor file `from` to `to` with its header's JSON changed by `edit` and its data
-/// changed by `data` (given the header, for the tensors' offsets).
-fn rewrite(
-    from: &Path,
-    to: &Path,
-    edit: impl FnOnce(&mut serde_json::Value),
-    data: impl FnOnce(&serde_json::Value, &mut Vec<u8>),
-) {
-    let bytes = std::fs::read(from).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let mut body = bytes[8 + n..].to_vec();
-    edit(&mut header);
-    data(&header, &mut body);
-    let mut json = serde_json::to_vec(&header).unwrap();
-    json.resize(json.len().div_ceil(8) * 8, b' ');
-    let mut out = (json.len() as u64).to_le_bytes().to_vec();
-    out.extend(json);
-    out.extend(body);
-    std::fs::write(to, out).unwrap();
-}
-
 fn train(data: &Path) -> std::process::Output {
     Command::new(train_exe())
         .args(["--data", data.to_str().unwrap(), "--device", "cpu", "--threads", "1", "--epochs", "1"])
         .output()
         .unwrap()
-}
-
-fn refused(o: &std::process::Output, says: &[&str]) {
-    let msg = text(o);
-    assert_eq!(o.status.code(), Some(1), "{msg}");
-    for s in says {
-        assert!(msg.contains(s), "{s:?} not in: {msg}");
-    }
-    assert!(!msg.contains("panicked"), "{msg}");
 }
 
 /// A data directory holding a good pair, and the path of its train split.
@@ -63,15 +32,15 @@ fn class_lists_and_labels_beyond_the_limit_are_refused_naming_the_file() {
     for split in ["train", "test"] {
         let f = dir.join(format!("cifar10-{split}.safetensors"));
         let names = names.clone();
-        rewrite(&f, &f, |h| h["__metadata__"]["classes"] = names.into(), |_, _| {});
+        rewrite_safetensors(&f, &f, |h| h["__metadata__"]["classes"] = names.into(), |_, _| {});
     }
-    refused(&train(&dir), &["cifar10-train.safetensors", "names 1000000 classes", "100000"]);
+    assert_refused(&train(&dir), &["cifar10-train.safetensors", "names 1000000 classes", "100000"]);
 
     // A label of 10^9 in a split without class names.
     let (dir, train_file2) = good_pair("meta_huge_label");
     for split in ["train", "test"] {
         let f = dir.join(format!("cifar10-{split}.safetensors"));
-        rewrite(
+        rewrite_safetensors(
             &f,
             &f,
             |h| {
@@ -85,7 +54,7 @@ fn class_lists_and_labels_beyond_the_limit_are_refused_naming_the_file() {
             },
         );
     }
-    refused(&train(&dir), &["cifar10-train.safetensors", "label 1000000000 of sample 0", "100000"]);
+    assert_refused(&train(&dir), &["cifar10-train.safetensors", "label 1000000000 of sample 0", "100000"]);
 
     // A header declared 100 MB long: the limit is the reason, not the file's length.
     let big = dir.join("big.safetensors");
@@ -129,7 +98,7 @@ fn a_tarball_whose_test_batch_holds_no_records_is_refused() {
     tar_gz(&tgz, &cifar10_members(10, 0, true));
     let out = dir.join("out");
     let o = run(prep_exe(), &[&tgz, &"--out", &out]);
-    refused(&o, &["empty-test.tar.gz", "test batches hold no images"]);
+    assert_refused(&o, &["empty-test.tar.gz", "test batches hold no images"]);
     assert!(
         !out.join("cifar10-test.safetensors").exists() && !out.join("cifar10-train.safetensors").exists()
     );

@@ -8,15 +8,6 @@ use std::process::{Command, Stdio};
 
 use common::*;
 
-fn refused(o: &std::process::Output, says: &[&str]) {
-    let msg = text(o);
-    assert_eq!(o.status.code(), Some(1), "{msg}");
-    for s in says {
-        assert!(msg.contains(s), "{s:?} not in: {msg}");
-    }
-    assert!(!msg.contains("panicked"), "{msg}");
-}
-
 fn train(data: &Path, args: &[&str]) -> std::process::Output {
     Command::new(train_exe())
         .args(["--data", data.to_str().unwrap(), "--device", "cpu", "--threads", "1"])
@@ -41,7 +32,7 @@ fn an_input_named_as_its_own_output_is_refused_and_kept() {
     tar_gz_dir(&root, "set", &archive);
     let before = std::fs::read(&archive).unwrap();
     let o = run(prep_exe(), &[&archive, &"--out", &out, &"--name", &"set"]);
-    refused(&o, &["set-train.safetensors", "replaced by its own output"]);
+    assert_refused(&o, &["set-train.safetensors", "replaced by its own output"]);
     assert_eq!(std::fs::read(&archive).unwrap(), before, "the input was changed");
 
     // A CIFAR tarball named as the test split.
@@ -49,7 +40,7 @@ fn an_input_named_as_its_own_output_is_refused_and_kept() {
     tar_gz(&tgz, &cifar10_members(10, 10, false));
     let before = std::fs::read(&tgz).unwrap();
     let o = run(prep_exe(), &[&tgz, &"--out", &out]);
-    refused(&o, &["cifar10-test.safetensors", "replaced by its own output"]);
+    assert_refused(&o, &["cifar10-test.safetensors", "replaced by its own output"]);
     assert_eq!(std::fs::read(&tgz).unwrap(), before, "the input was changed");
 }
 
@@ -65,13 +56,13 @@ fn two_outputs_of_one_run_at_one_place_are_refused_before_training() {
         .args(["--metrics", f.to_str().unwrap(), "--export", "./out.json"])
         .output()
         .unwrap();
-    refused(&o, &["--metrics", "--export", "one file"]);
+    assert_refused(&o, &["--metrics", "--export", "one file"]);
     assert!(!f.exists(), "written before it was refused");
     let o = train(
         &dir,
         &["--max-steps", "2", "--export", dir.join("cifar10-train.safetensors").to_str().unwrap()],
     );
-    refused(&o, &["--export", "the training split", "one file"]);
+    assert_refused(&o, &["--export", "the training split", "one file"]);
     assert!(cifar_fast::TensorFile::open(dir.join("cifar10-train.safetensors")).is_ok());
 }
 
@@ -97,29 +88,18 @@ fn a_second_run_on_a_checkpoint_directory_in_use_is_refused() {
     let o = train(&dir, &["--max-steps", "2", "--checkpoint", ck.to_str().unwrap(), "--overwrite"]);
     let _ = first.kill();
     let _ = first.wait();
-    refused(&o, &["ck", "another run"]);
+    assert_refused(&o, &["ck", "another run"]);
 }
 
-/// Copies the checkpoint in `dir` with its header's JSON changed by `edit` and its tensor bytes
-/// by `data`.
+/// The checkpoint in `dir` with its header's JSON changed by `edit` and its tensor bytes by
+/// `data`.
 fn edit_checkpoint(
     dir: &Path,
     edit: impl FnOnce(&mut serde_json::Value),
     data: impl FnOnce(&serde_json::Value, &mut Vec<u8>),
 ) {
     let path = dir.join("checkpoint.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let mut body = bytes[8 + n..].to_vec();
-    edit(&mut header);
-    data(&header, &mut body);
-    let mut json = serde_json::to_vec(&header).unwrap();
-    json.resize(json.len().div_ceil(8) * 8, b' ');
-    let mut out = (json.len() as u64).to_le_bytes().to_vec();
-    out.extend(json);
-    out.extend(body);
-    std::fs::write(&path, out).unwrap();
+    rewrite_safetensors(&path, &path, edit, data);
 }
 
 #[test]
@@ -149,7 +129,7 @@ fn a_checkpoint_whose_position_or_weights_no_run_could_write_is_refused() {
         std::fs::copy(good.join("checkpoint.safetensors"), ck.join("checkpoint.safetensors")).unwrap();
         edit_checkpoint(&ck, edit, |_, _| {});
         let o = train(&dir, &["--checkpoint", ck.to_str().unwrap(), "--resume"]);
-        refused(&o, &["checkpoint.safetensors", says]);
+        assert_refused(&o, &["checkpoint.safetensors", says]);
     }
     // A NaN weight.
     let ck = dir.join("nan");
@@ -164,7 +144,7 @@ fn a_checkpoint_whose_position_or_weights_no_run_could_write_is_refused() {
         },
     );
     let o = train(&dir, &["--checkpoint", ck.to_str().unwrap(), "--resume"]);
-    refused(&o, &["checkpoint.safetensors", "model/fc2.bias", "non-finite"]);
+    assert_refused(&o, &["checkpoint.safetensors", "model/fc2.bias", "non-finite"]);
     // The good one resumes.
     let o = train(&dir, &["--checkpoint", good.to_str().unwrap(), "--resume", "--max-steps", "5"]);
     assert!(o.status.success(), "{}", text(&o));
@@ -185,7 +165,7 @@ fn a_conversion_failing_between_its_renames_leaves_the_earlier_pair() {
     std::fs::remove_file(out.join("cifar10-test.safetensors")).unwrap();
     std::fs::create_dir_all(out.join("cifar10-test.safetensors/x")).unwrap();
     let o = run(prep_exe(), &[&b, &"--out", &out]);
-    refused(&o, &["cifar10-test.safetensors"]);
+    assert_refused(&o, &["cifar10-test.safetensors"]);
     assert_eq!(std::fs::read(out.join("cifar10-train.safetensors")).unwrap(), train_a, "a mix was left");
     let left: Vec<String> = std::fs::read_dir(&out)
         .unwrap()

@@ -38,3 +38,36 @@ pub fn checkpoint_weights(dir: &Path) -> Vec<(String, Vec<u8>)> {
     out.sort();
     out
 }
+
+/// Asserts that `o` is one refusal: exit status 1, no panic, and every one of `says` in its output.
+pub fn assert_refused(o: &std::process::Output, says: &[&str]) {
+    let msg = text(o);
+    assert_eq!(o.status.code(), Some(1), "{msg}");
+    for s in says {
+        assert!(msg.contains(s), "{s:?} not in: {msg}");
+    }
+    assert!(!msg.contains("panicked"), "{msg}");
+}
+
+/// Copies the safetensors file `from` to `to` with its header's JSON changed by `edit` and its
+/// data by `data` (given the header, for the tensors' offsets): files that lie, made from one
+/// that does not.
+pub fn rewrite_safetensors(
+    from: &Path,
+    to: &Path,
+    edit: impl FnOnce(&mut serde_json::Value),
+    data: impl FnOnce(&serde_json::Value, &mut Vec<u8>),
+) {
+    let bytes = std::fs::read(from).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let mut body = bytes[8 + n..].to_vec();
+    edit(&mut header);
+    data(&header, &mut body);
+    let mut json = serde_json::to_vec(&header).unwrap();
+    json.resize(json.len().div_ceil(8) * 8, b' ');
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend(json);
+    out.extend(body);
+    std::fs::write(to, out).unwrap();
+}

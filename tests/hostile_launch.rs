@@ -175,3 +175,35 @@ fn an_md5_of_the_wrong_form_is_refused_before_connecting() {
     }
     assert!(listener.accept().is_err(), "a download was attempted");
 }
+
+#[test]
+fn sigterm_while_ranks_start_ends_the_launch_and_its_ranks() {
+    let dir = scratch("launch_sigterm_start");
+    tensor_file(&dir, 20, cifar_fast::prep::StoreDtype::U8);
+    for delay_ms in [0u64, 300, 1500] {
+        let mut launcher = train_cmd(&dir)
+            .args(["--nproc-per-node", "2", "--oversubscribe", "--epochs", "100000", "--dist-timeout", "60"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let ranks = children(launcher.id());
+        // SAFETY: kill with our own child's pid and a signal; no memory is touched.
+        unsafe { libc::kill(launcher.id() as i32, libc::SIGTERM) };
+        let sent = Instant::now();
+        let status = loop {
+            if let Some(s) = launcher.try_wait().unwrap() {
+                break s;
+            }
+            if sent.elapsed() > Duration::from_secs(30) {
+                let _ = launcher.kill();
+                panic!("SIGTERM {delay_ms} ms into the start was not acted on within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(!status.success(), "after {delay_ms} ms: {status}");
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(ranks.iter().all(|&r| !alive(r)), "after {delay_ms} ms: ranks {ranks:?} left");
+    }
+}

@@ -587,7 +587,7 @@ fn decode_one(
         ));
     }
     let _share = budget.take(cost);
-    let (_, _, pixels) = super::image::decode(bytes, opts.size, opts.max_image_pixels, shown)?;
+    let (_, _, pixels) = super::image::decode_checked(bytes, (w, h), opts.size, shown)?;
     write(&pixels)
 }
 

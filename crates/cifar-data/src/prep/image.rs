@@ -61,6 +61,16 @@ pub fn decode(
 ) -> Result<(u32, u32, Vec<u8>)> {
     let (w, h) = dimensions(bytes, path)?;
     check_pixels((w, h), max_pixels, path)?;
+    decode_checked(bytes, (w, h), size, path)
+}
+
+/// [`decode`] of an image whose header declared `(w, h)`, already checked against the limit.
+pub(crate) fn decode_checked(
+    bytes: &[u8],
+    (w, h): (u32, u32),
+    size: Option<(u32, u32)>,
+    path: &Path,
+) -> Result<(u32, u32, Vec<u8>)> {
     let mut rgb = match decode_jpeg(bytes) {
         Some(Ok(rgb)) => rgb,
         Some(Err(msg)) => return Err(Error::format(path, format!("cannot be decoded as a JPEG: {msg}"))),

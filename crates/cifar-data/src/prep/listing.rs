@@ -212,15 +212,7 @@ pub fn read_members(
         if entry.size() != size {
             return Err(Error::format(input, "changed while it was being converted"));
         }
-        if size > super::layout::MAX_MEMBER_BYTES {
-            return Err(Error::format(&shown, format!("member of {size} bytes is too large")));
-        }
-        // The declared size is only a claim: grow to it as bytes really arrive.
-        let mut bytes = Vec::with_capacity(size.min(1 << 24) as usize);
-        entry.read_to_end(&mut bytes).map_err(corrupt)?;
-        if bytes.len() as u64 != size {
-            return Err(corrupt(std::io::ErrorKind::UnexpectedEof.into()));
-        }
+        let bytes = super::tarball::read_member(&mut entry, &shown, input)?;
         left -= 1;
         if !visit(this, bytes)? {
             return Ok(());

@@ -145,12 +145,13 @@ fn made_from(file: &TensorFile, print: &str, tag: &str) -> bool {
 /// per-class counts) stays small.
 pub const MAX_CLASSES: usize = 100_000;
 
-/// Refuses `classes` classes when they are more than [`MAX_CLASSES`], naming `input`.
+/// Refuses `classes` classes when they are more than [`MAX_CLASSES`], naming `input` (a
+/// conversion's input, or a tensor file).
 pub fn check_class_count(classes: usize, input: &Path) -> Result<()> {
     if classes > MAX_CLASSES {
         return Err(Error::format(
             input,
-            format!("has {classes} classes, more than the {MAX_CLASSES} this tool takes"),
+            format!("names {classes} classes, more than the {MAX_CLASSES} this tool takes"),
         ));
     }
     Ok(())

@@ -145,6 +145,27 @@ pub(crate) fn open_archive<'a>(reader: impl Read + 'a, gzipped: bool) -> tar::Ar
     tar::Archive::new(stream)
 }
 
+/// The bytes of the archive member `entry` (named `at` in messages) of the archive `input`:
+/// refused when it declares more than [`MAX_MEMBER_BYTES`], or holds fewer than it declares.
+pub(crate) fn read_member<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    at: &Path,
+    input: &Path,
+) -> Result<Vec<u8>> {
+    let size = entry.size();
+    if size > MAX_MEMBER_BYTES {
+        return Err(Error::format(at, format!("member of {size} bytes is too large")));
+    }
+    let corrupt = |e: io::Error| Error::format(input, format!("corrupt or truncated archive: {e}"));
+    // The declared size is only a claim: grow to it as bytes really arrive.
+    let mut bytes = Vec::with_capacity(size.min(1 << 26) as usize);
+    entry.read_to_end(&mut bytes).map_err(corrupt)?;
+    if bytes.len() as u64 != size {
+        return Err(corrupt(io::ErrorKind::UnexpectedEof.into()));
+    }
+    Ok(bytes)
+}
+
 /// The archive half of [`for_each_member`]: a (gzipped) tar stream, with `input` naming it in
 /// errors. Public for the fuzz target.
 pub fn for_each_archived_member(
@@ -162,17 +183,8 @@ pub fn for_each_archived_member(
         }
         let member = entry.path().map_err(corrupt)?.to_string_lossy().into_owned();
         let Some(role) = role_of(&member) else { continue };
-        let size = entry.size();
         let at = input.join(&member);
-        if size > MAX_MEMBER_BYTES {
-            return Err(Error::format(&at, format!("member of {size} bytes is too large")));
-        }
-        // The declared size is only a claim: grow to it as bytes really arrive.
-        let mut bytes = Vec::with_capacity(size.min(1 << 26) as usize);
-        entry.read_to_end(&mut bytes).map_err(corrupt)?;
-        if bytes.len() as u64 != size {
-            return Err(corrupt(io::ErrorKind::UnexpectedEof.into()));
-        }
+        let bytes = read_member(&mut entry, &at, input)?;
         visit(role, &member, &at, bytes)?;
     }
     // Read the gzip trailer too: its CRC check catches a corrupt tail, and the digests cover

@@ -147,12 +147,7 @@ impl TensorFile {
         };
         // What scales with the class count (a model's last layer, per-class counts) must not
         // take the machine: refused here, before anything is built for them.
-        if classes.len() > MAX_CLASSES {
-            return Err(bad(format!(
-                "names {} classes, more than the {MAX_CLASSES} this tool takes",
-                classes.len()
-            )));
-        }
+        crate::prep::check_class_count(classes.len(), path)?;
         let triple = |key: &str| -> Result<[f32; 3]> {
             match metadata.get(key).map(|v| serde_json::from_str(v)) {
                 Some(Ok(v)) => Ok(v),

@@ -25,6 +25,20 @@ fn children(pid: u32) -> Vec<u32> {
     out
 }
 
+/// `child`'s exit status if it ends within `limit`; else it is killed and `None`.
+fn exit_within(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
 fn alive(pid: u32) -> bool {
     // A zombie (exited, not yet reaped by its new parent) has ended.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -124,17 +138,8 @@ fn a_rendezvous_with_something_that_is_not_a_store_ends_within_the_timeout() {
     std::thread::sleep(Duration::from_secs(2));
     // SAFETY: kill with our own child's pid and a signal; no memory is touched.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let sent = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if sent.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            panic!("SIGTERM ignored during the rendezvous");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status =
+        exit_within(&mut child, Duration::from_secs(10)).expect("SIGTERM ignored during the rendezvous");
     assert_eq!(status.code(), Some(130));
 }
 
@@ -191,17 +196,8 @@ fn sigterm_while_ranks_start_ends_the_launch_and_its_ranks() {
         let ranks = children(launcher.id());
         // SAFETY: kill with our own child's pid and a signal; no memory is touched.
         unsafe { libc::kill(launcher.id() as i32, libc::SIGTERM) };
-        let sent = Instant::now();
-        let status = loop {
-            if let Some(s) = launcher.try_wait().unwrap() {
-                break s;
-            }
-            if sent.elapsed() > Duration::from_secs(30) {
-                let _ = launcher.kill();
-                panic!("SIGTERM {delay_ms} ms into the start was not acted on within 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let status = exit_within(&mut launcher, Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("SIGTERM {delay_ms} ms into the start was not acted on within 30 s"));
         assert!(!status.success(), "after {delay_ms} ms: {status}");
         std::thread::sleep(Duration::from_millis(200));
         assert!(ranks.iter().all(|&r| !alive(r)), "after {delay_ms} ms: ranks {ranks:?} left");

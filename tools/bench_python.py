@@ -2,12 +2,15 @@
 interleaved and makes the tables.
 
     python tools/bench_python.py loader --impl ours|torch --batch-size B [--workers W] --images N --data DIR
-    python tools/bench_python.py loop --impl ours|torch|memory --batch-size B --steps N --data DIR
+    python tools/bench_python.py loop --impl ours|torch --batch-size B --steps N [--blocks K] --data DIR
 
 `loader`: batches alone (each touched once), images/s and the time from the DataLoader's
 construction to its first batch. `loop`: the tutorial's training loop (its net, SGD lr 0.001
 momentum 0.9, two torch threads, CPU) over the loader, with the share of the loop's time spent
-waiting for the next batch; `memory` feeds it batches already in memory (the bound).
+waiting for the next batch. `--impl ours` also runs the same loop over batches already in memory
+(the bound), in the same process and on the same net, in `K` blocks alternating with the
+loader's (ABBA...), so that each share of the bound compares steps taken seconds apart: this
+machine's speed drifts between runs by more than the difference measured.
 """
 import argparse
 import json
@@ -84,44 +87,57 @@ def run_loop(args):
     net = Net()
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9)
-    if args.impl == "memory":
-        args.impl = "ours"
-        _, make = loader(args)
-        batches = [(x.clone(), y.clone()) for _, (x, y) in zip(range(args.steps), make())]
-        source = lambda: iter(batches)
-    else:
-        _, make = loader(args)
-        dl = make()
-        source = lambda: iter(dl)
-    steps = waited = 0.0
-    t0 = time.perf_counter()
-    it = source()
-    while steps < args.steps:
-        w = time.perf_counter()
-        try:
-            inputs, labels = next(it)
-        except StopIteration:
-            it = source()
-            continue
-        waited += time.perf_counter() - w
-        optimizer.zero_grad()
-        loss = criterion(net(inputs), labels)
-        loss.backward()
-        optimizer.step()
-        loss.item()
-        steps += 1
-    secs = time.perf_counter() - t0
-    return {"images_per_s": steps * args.batch_size / secs, "data_wait_share": waited / secs}
+    _, make = loader(args)
+
+    def endless(source):
+        while True:
+            yield from source()
+
+    def steps(batches, n):
+        """`n` steps of the tutorial's loop: seconds taken, seconds waiting for batches."""
+        waited = 0.0
+        t0 = time.perf_counter()
+        for _ in range(n):
+            w = time.perf_counter()
+            inputs, labels = next(batches)
+            waited += time.perf_counter() - w
+            optimizer.zero_grad()
+            loss = criterion(net(inputs), labels)
+            loss.backward()
+            optimizer.step()
+            loss.item()
+        return time.perf_counter() - t0, waited
+
+    dl = make()
+    if args.impl == "torch":
+        secs, waited = steps(endless(lambda: iter(dl)), args.steps)
+        return {"images_per_s": args.steps * args.batch_size / secs, "data_wait_share": waited / secs}
+    block = max(1, args.steps // args.blocks)
+    # The bound's batches: one block's worth from the same loader, copied out and cycled.
+    memory = [(x.clone(), y.clone()) for _, (x, y) in zip(range(block), make())]
+    sources = {"ours": endless(lambda: iter(dl)), "memory": endless(lambda: iter(memory))}
+    for batches in sources.values():
+        steps(batches, 20)  # torch's first calls, untimed for both
+    spent = {name: [0.0, 0.0] for name in sources}
+    for k in range(args.blocks):
+        for name in ("ours", "memory") if k % 4 in (0, 3) else ("memory", "ours"):
+            secs, waited = steps(sources[name], block)
+            spent[name][0] += secs
+            spent[name][1] += waited
+    images = args.blocks * block * args.batch_size
+    return {"images_per_s": images / spent["ours"][0], "data_wait_share": spent["ours"][1] / spent["ours"][0],
+            "bound_images_per_s": images / spent["memory"][0]}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["loader", "loop"])
-    ap.add_argument("--impl", required=True, choices=["ours", "torch", "memory"])
+    ap.add_argument("--impl", required=True, choices=["ours", "torch"])
     ap.add_argument("--batch-size", type=int, required=True)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--images", type=int, default=100000)
     ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--blocks", type=int, default=10)
     ap.add_argument("--data", required=True)
     args = ap.parse_args()
     print(json.dumps(run_loader(args) if args.what == "loader" else run_loop(args)))

@@ -441,6 +441,39 @@ fn a_training_file_truncated_under_a_run_is_a_clear_error_not_a_bus_error() {
 }
 
 #[test]
+fn a_file_read_to_survive_truncation_reports_it_and_the_process_goes_on() {
+    use cifar_fast::Source;
+    let dir = scratch("robust_survive_truncation");
+    let path = common::tensor_file(&dir, 40, cifar_fast::prep::StoreDtype::F32);
+    // What the Python package reads through; its reads come from the map.
+    let pixels = cifar_fast::source::Pixels::open(&path, None).unwrap();
+    let mut out = vec![0f32; 3 * 32 * 32];
+    let last = pixels.len() - 1;
+    let label = pixels.read_into(last, &mut out).unwrap();
+    let plain = cifar_fast::Dataset::open(&path).unwrap();
+    let mut want = vec![0f32; out.len()];
+    assert_eq!(plain.read_into(last, &mut want).unwrap(), label);
+    assert_eq!(out, want);
+    drop(plain);
+    // Cut to its header and a few images, as another program might.
+    std::fs::File::options().write(true).open(&path).unwrap().set_len(40_000).unwrap();
+    let err = pixels.read_into(last, &mut out).unwrap_err().to_string();
+    assert!(err.contains("cifar10-train.safetensors") && err.contains("was truncated while open"), "{err}");
+    assert!(err.contains(&format!("sample {last}")), "{err}");
+    // Once found truncated, the file's reads are errors, even of images that are still there.
+    assert!(pixels.read_into(0, &mut out).is_err());
+    // And this process goes on: another file reads as before.
+    let other = common::tensor_file(
+        &scratch("robust_survive_truncation_other"),
+        40,
+        cifar_fast::prep::StoreDtype::F32,
+    );
+    let fresh = cifar_fast::source::Pixels::open(&other, None).unwrap();
+    assert_eq!(fresh.read_into(last, &mut out).unwrap(), label);
+    assert_eq!(out, want);
+}
+
+#[test]
 fn a_test_split_with_fewer_classes_than_the_model_is_evaluated() {
     let dir = scratch("robust_fewer_test_classes");
     let (train, test) = (dir.join("x-train.safetensors"), dir.join("x-test.safetensors"));

@@ -85,8 +85,8 @@ impl Source for Dataset {
     }
 }
 
-/// A prepared split read with positioned reads (never through the map, so a file truncated
-/// under a live loader is an error, not a SIGBUS) and normalized anew: what torchvision's
+/// A prepared split read so that a file truncated under a live loader is an error, not a
+/// SIGBUS ([`TensorFile::read_image`]), and normalized anew: what torchvision's
 /// `ToTensor()` then `Normalize(mean, std)` make of the same image, bit for bit (the same f32
 /// operations in the same order). The Python package's datasets read through this.
 ///
@@ -107,11 +107,13 @@ impl Pixels {
     /// Opens `path` (see [`TensorFile::open`]) to read as pixels normalized by `mean` and `std`
     /// (of pixel / 255; 0 and 1 for `ToTensor()` alone; `None` for the file's own).
     pub fn open(path: impl AsRef<Path>, norm: Option<([f32; 3], [f32; 3])>) -> Result<Self> {
-        let file = TensorFile::open(path)?;
+        let file = TensorFile::open(path)?.survive_truncation();
         let (mean, std) = norm.unwrap_or((file.mean(), file.std()));
         let same = (mean, std) == (file.mean(), file.std());
+        let labels = file.labels().to_vec();
+        file.check_whole("reading the labels")?;
         Ok(Pixels {
-            labels: file.labels().to_vec(),
+            labels,
             stored: Normalize::new(file.mean(), file.std()),
             wanted: Normalize::new(mean, std),
             same,
@@ -119,7 +121,8 @@ impl Pixels {
         })
     }
 
-    /// The underlying file.
+    /// The underlying file, opened to survive a truncation: read its images with
+    /// [`TensorFile::read_image`] only (see [`TensorFile::survive_truncation`]).
     pub fn file(&self) -> &TensorFile {
         &self.file
     }

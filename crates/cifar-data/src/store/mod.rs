@@ -34,7 +34,9 @@ const MAX_HEADER: u64 = 100_000_000;
 ///   new. Nothing of this project writes a tensor file in place; don't let anything else.
 /// - *Truncated*: reading past the new end raises SIGBUS. Opening a `TensorFile` installs a
 ///   handler for it (Linux) that names the file and exits with status 1, rather than the bare
-///   "Bus error" the default gives.
+///   "Bus error" the default gives. A program that must outlive a bad file (the Python
+///   package: its interpreter) reads through [`crate::source::Pixels`] instead, whose file
+///   survives the fault and reports it as an error of the read that found it.
 ///
 /// This is the bargain ripgrep makes for its memory maps (and why it does not map files it
 /// expects to change); here the files are ours, written once by `cifar-prep` and renamed.
@@ -56,6 +58,8 @@ pub struct TensorFile {
     std: [f32; 3],
     /// The SIGBUS watch on the map (see the contract above).
     watch: Option<usize>,
+    /// A truncation under the map is survived, and reported by [`TensorFile::read_image`].
+    surviving: bool,
 }
 
 impl Drop for TensorFile {
@@ -179,6 +183,7 @@ impl TensorFile {
             file,
             map,
             watch,
+            surviving: false,
             len,
             dtype,
             images,
@@ -273,22 +278,53 @@ impl TensorFile {
     }
 
     /// Reads image `i`'s stored bytes into `out` (as long as [`TensorFile::image_bytes`]'s)
-    /// with a positioned read instead of through the map, so that a file truncated meanwhile is
-    /// an error naming it, not a SIGBUS. For programs that must outlive a bad file (the Python
-    /// package: its interpreter). Panics if `i >= len()` or `out` has another length.
+    /// so that a file truncated meanwhile is an error naming it, not a SIGBUS: from the map
+    /// where the file was opened to survive truncation ([`TensorFile::survive_truncation`]),
+    /// checking after the copy that no page of the map faulted; else with a positioned read.
+    /// Panics if `i >= len()` or `out` has another length.
     pub fn read_image(&self, i: usize, out: &mut [u8]) -> Result<()> {
         use std::os::unix::fs::FileExt;
         assert!(i < self.len, "sample {i} out of range for {} samples", self.len);
         let size = self.shape.iter().product::<usize>() * self.dtype.size();
         assert_eq!(out.len(), size, "image {i} is {size} bytes");
-        let start = (self.images.start + i * size) as u64;
-        self.file.read_exact_at(out, start).map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => Error::format(
-                &self.path,
-                format!("was truncated while open (sample {i} lies past its end now); prepare it anew"),
-            ),
+        let start = self.images.start + i * size;
+        if self.surviving {
+            // Half the time of a positioned read (which looks the pages up and copies them one
+            // by one), and the batch's whole cost on the Python package's workers.
+            out.copy_from_slice(&self.map[start..start + size]);
+            return self.check_whole(&format!("reading sample {i}"));
+        }
+        self.file.read_exact_at(out, start as u64).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => self.truncated(&format!("reading sample {i}")),
             _ => Error::io(&self.path, e),
         })
+    }
+
+    /// For a file opened to survive truncation: whether every read of its map so far found
+    /// the file whole (an error saying it was truncated, found while `doing`, if not).
+    pub(crate) fn check_whole(&self, doing: &str) -> Result<()> {
+        match self.watch {
+            Some(slot) if self.surviving && sigbus::truncated(slot) => Err(self.truncated(doing)),
+            _ => Ok(()),
+        }
+    }
+
+    fn truncated(&self, doing: &str) -> Error {
+        Error::format(&self.path, format!("was truncated while open (found {doing}); prepare it anew"))
+    }
+
+    /// From now on a read of this file's map that finds the file truncated reads zeros instead
+    /// of raising SIGBUS, and [`TensorFile::read_image`] (which checks for that after each copy)
+    /// returns the error. Only `read_image` checks: read this file with nothing else.
+    /// Where the map could not be watched (all watch slots taken, or not Linux), `read_image`
+    /// reads with positioned reads instead, which report a truncation by themselves.
+    pub(crate) fn survive_truncation(mut self) -> Self {
+        #[cfg(target_os = "linux")]
+        if let Some(slot) = self.watch {
+            sigbus::survive(slot);
+            self.surviving = true;
+        }
+        self
     }
 
     /// The raw stored bytes of all images.

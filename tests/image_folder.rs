@@ -111,6 +111,12 @@ fn size_resizes_and_other_sizes_are_refused_naming_the_first() {
     ] {
         write_image(&root.join(split).join(class).join(file), w, h, 1);
     }
+    // The first odd image is the slowest to read (bytes after its end, which decoders skip),
+    // so that a decoder of a later odd one finishes first: the first is still the one named.
+    let slow = root.join("train/b/2.png");
+    let mut bytes = std::fs::read(&slow).unwrap();
+    bytes.resize(bytes.len() + (32 << 20), 0);
+    std::fs::write(&slow, bytes).unwrap();
     let out = dir.join("out");
     let o = prep(&[&root, &"--out", &out]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
@@ -118,6 +124,26 @@ fn size_resizes_and_other_sizes_are_refused_naming_the_first() {
     assert!(msg.contains("b/2.png") && msg.contains("24x24") && msg.contains("--size"), "{msg}");
     assert!(!msg.contains("3.png"), "names the first odd image only: {msg}");
     assert!(!out.exists() || files_in(&out).is_empty(), "{:?}", files_in(&out));
+
+    // An archive whose members come in another order than ImageFolder's (train before test):
+    // the size is the first image's in ImageFolder's order, and the message names that one.
+    let archive = dir.join("sizes.tar.gz");
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
+        std::fs::File::create(&archive).unwrap(),
+        flate2::Compression::fast(),
+    ));
+    for member in ["train/a/1.png", "train/a/2.png", "train/b/1.png", "train/b/2.png", "train/b/3.png"]
+        .into_iter()
+        .chain(["test/a/1.png", "test/b/1.png"])
+    {
+        tar.append_path_with_name(root.join(member), format!("sizes/{member}")).unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap();
+    let o = prep(&[&archive, &"--out", &out]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let msg = text(&o);
+    assert!(msg.contains("train/b/2.png: is 24x24, but") && msg.contains("test/a/1.png is 40x30"), "{msg}");
+    assert!(!msg.contains("3.png"), "names the first odd image only: {msg}");
 
     let o = prep(&[&root, &"--out", &out, &"--size", &"20,36"]);
     assert!(o.status.success(), "{}", text(&o));

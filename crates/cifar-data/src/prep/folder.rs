@@ -350,8 +350,19 @@ pub fn prepare(
     let (mean, std) = opts.norm.mean_std(|| ([0.0; 3], [1.0; 3]));
     let norm = Normalize::new(mean, std);
     let stats_split = split_names.iter().position(|s| s == "train").unwrap_or(0);
-    let hist =
-        decode_all(input, gzipped, &listing, &target_of, side, opts, &outputs, &norm, stats_split, progress)?;
+    let hist = decode_all(
+        input,
+        gzipped,
+        &listing,
+        &target_of,
+        side,
+        opts,
+        &outputs,
+        &norm,
+        stats_split,
+        &first.shown,
+        progress,
+    )?;
 
     let (mean, std) = opts.norm.mean_std(|| super::stats_of_histogram(&hist));
     let norm = Normalize::new(mean, std);
@@ -446,29 +457,36 @@ fn decode_all(
     outputs: &[TensorFileWriter],
     norm: &Normalize,
     stats_split: usize,
+    first_shown: &Path,
     progress: &indicatif::ProgressBar,
 ) -> Result<[[u64; 256]; CHANNELS]> {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let budget = MemoryBudget::for_this_machine();
-    let failed = std::sync::atomic::AtomicBool::new(false);
-    let first_error: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
-    let fail = |e: Error| {
+    // The error reported is that of the first bad image in reading order, whichever decoder
+    // finds one first: jobs leave the channel in that order, so when job `n` fails every job
+    // before it is done or in hand, and is finished; only jobs after the first failure so far
+    // are dropped.
+    use std::sync::atomic::Ordering::SeqCst;
+    let first_bad = std::sync::atomic::AtomicUsize::new(usize::MAX);
+    let first_error: std::sync::Mutex<Option<(usize, Error)>> = std::sync::Mutex::new(None);
+    let fail = |n: usize, e: Error| {
         let mut first = first_error.lock().unwrap_or_else(|p| p.into_inner());
-        first.get_or_insert(e);
-        failed.store(true, std::sync::atomic::Ordering::SeqCst);
+        if first.as_ref().is_none_or(|(m, _)| n < *m) {
+            *first = Some((n, e));
+        }
+        first_bad.fetch_min(n, SeqCst);
     };
-    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Job>(2 * threads);
-    let first_shown = &listing.images[0].shown;
+    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<(usize, Job)>(2 * threads);
     progress.set_length(listing.images.len() as u64);
     let hists = std::thread::scope(|s| {
         let decoders: Vec<_> = (0..threads)
             .map(|_| {
                 let jobs = jobs_rx.clone();
-                let (budget, failed, fail) = (&budget, &failed, &fail);
+                let (budget, first_bad, fail) = (&budget, &first_bad, &fail);
                 s.spawn(move || {
                     let mut hist = [[0u64; 256]; CHANNELS];
-                    for (shown, bytes, targets) in jobs {
-                        if failed.load(std::sync::atomic::Ordering::SeqCst) {
+                    for (n, (shown, bytes, targets)) in jobs {
+                        if n > first_bad.load(SeqCst) {
                             break;
                         }
                         let bytes = match bytes {
@@ -488,10 +506,7 @@ fn decode_all(
                         });
                         match done {
                             Ok(()) => progress.inc(targets.len() as u64),
-                            Err(e) => {
-                                fail(e);
-                                break;
-                            }
+                            Err(e) => fail(n, e),
                         }
                     }
                     hist
@@ -499,8 +514,10 @@ fn decode_all(
             })
             .collect();
         drop(jobs_rx);
-        let send = |job: Job| -> bool {
-            !failed.load(std::sync::atomic::Ordering::SeqCst) && jobs_tx.send(job).is_ok()
+        let mut sent = 0;
+        let mut send = |job: Job| -> bool {
+            sent += 1;
+            first_bad.load(SeqCst) == usize::MAX && jobs_tx.send((sent - 1, job)).is_ok()
         };
         let read = match &listing.images[0].bytes {
             Bytes::File(_) => {
@@ -531,14 +548,13 @@ fn decode_all(
         };
         drop(jobs_tx);
         if let Err(e) = read {
-            // The decoders' error, where there is one, is the cause: reading only saw it stop.
-            if !failed.load(std::sync::atomic::Ordering::SeqCst) {
-                fail(e);
-            }
+            // After every image read before it; a decoder's error, where there is one, is the
+            // cause (reading only saw it stop).
+            fail(sent, e);
         }
         decoders.into_iter().map(|d| d.join().expect("decoder thread panicked")).collect::<Vec<_>>()
     });
-    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+    if let Some((_, e)) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
     let mut hist = [[0u64; 256]; CHANNELS];

@@ -11,8 +11,9 @@
 //! the default action where there was none.
 //!
 //! The handler may only use async-signal-safe calls: it reads and sets atomics, `mmap`s a page
-//! (a bare system call), `write`s a message made when the file was opened, and `_exit`s. Written with `libc`: no crate turns a fault in a
-//! mapping into an error (`memmap2` leaves it to the caller).
+//! (a bare system call), `write`s a message made when the file was opened, and `_exit`s.
+//! Written with `libc`: no crate turns a fault in a mapping into an error (`memmap2` leaves it
+//! to the caller).
 use std::sync::Once;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 
@@ -118,8 +119,8 @@ extern "C" fn on_sigbus(signal: libc::c_int, info: *mut libc::siginfo_t, context
     // used, the message bytes were leaked (never freed), and `mmap`, `write`, `sigaction`,
     // `raise` and `_exit` are async-signal-safe system calls. The `mmap` only replaces a page
     // inside a watched map, which stays mapped until its `TensorFile` is dropped (after
-    // `unwatch`), so no other memory is touched. The previous action was written before this handler was
-    // installed; calling its handler with the arguments the kernel gave us is what it would
+    // `unwatch`), so no other memory is touched. The previous action was written before this
+    // handler was installed; calling its handler with the arguments the kernel gave us is what it would
     // have received had it been the one installed.
     unsafe {
         let addr = (*info).si_addr() as usize;

@@ -120,8 +120,8 @@ extern "C" fn on_sigbus(signal: libc::c_int, info: *mut libc::siginfo_t, context
     // `raise` and `_exit` are async-signal-safe system calls. The `mmap` only replaces a page
     // inside a watched map, which stays mapped until its `TensorFile` is dropped (after
     // `unwatch`), so no other memory is touched. The previous action was written before this
-    // handler was installed; calling its handler with the arguments the kernel gave us is what it would
-    // have received had it been the one installed.
+    // handler was installed; calling its handler with the arguments the kernel gave us is what
+    // it would have received had it been the one installed.
     unsafe {
         let addr = (*info).si_addr() as usize;
         for w in &WATCHED {

@@ -142,8 +142,8 @@ fn a_python_rank_joins_the_group_as_torch_distributed_makes_it() {
     let port = free_port();
     // The script ends as PyTorch's documentation asks a distributed script to: without
     // `destroy_process_group`, a Gloo worker thread may free its last tensor while the
-    // interpreter is finalising and abort the process (pytorch/pytorch#179291), which this test
-    // saw about one run in eight.
+    // interpreter is finalising and abort the process (pytorch/pytorch#179291), as this test's
+    // Python rank did now and then.
     let script = r#"
 import datetime, torch, torch.distributed as dist
 dist.init_process_group("gloo", rank=1, world_size=2, timeout=datetime.timedelta(seconds=60))

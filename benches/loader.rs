@@ -91,15 +91,7 @@ fn main() {
             let file = ds.file();
             let row = 3 * 32 * 32 * 4;
             let mut buf = vec![0u8; batch * row];
-            let sampler = cifar_fast::sampler::Sampler {
-                len: file.len(),
-                batch_size: batch,
-                shuffle: true,
-                seed: 0,
-                drop_last: false,
-                rank: 0,
-                world: 1,
-            };
+            let sampler = cifar_fast::sampler::Sampler::shuffled(file.len(), batch, 0);
             let mut epoch = 0;
             'copy: loop {
                 let order = sampler.indices(epoch);

@@ -132,7 +132,7 @@ impl Source for Faulty {
 }
 
 #[test]
-fn a_failing_or_panicking_sample_is_an_error_that_names_it_without_hanging() {
+fn a_failing_or_panicking_sample_fails_its_batch_naming_it_and_the_epoch_goes_on() {
     for panic in [false, true] {
         for workers in [0, 1, 3] {
             let (tx, rx) = std::sync::mpsc::channel();
@@ -144,18 +144,26 @@ fn a_failing_or_panicking_sample_is_an_error_that_names_it_without_hanging() {
                     .shuffle(false)
                     .build()
                     .unwrap();
-                let results: Vec<_> = l.iter().collect();
-                let _ = tx.send((
-                    results.len(),
-                    results.last().unwrap().as_ref().err().map(|e| e.to_string()),
-                    start.elapsed(),
-                ));
+                let results: Vec<_> =
+                    l.iter().map(|r| r.map(|b| b.indices).map_err(|e| e.to_string())).collect();
+                let _ = tx.send((results, start.elapsed()));
             });
-            let (n, err, took) = rx.recv_timeout(Duration::from_secs(5)).expect("the loader hung");
-            assert_eq!(n, 10, "batches 0..8 then the error, then nothing");
-            let err = err.expect("the last item is the error");
-            assert!(err.contains("sample 37"), "{err}");
-            assert!(err.contains(if panic { "cursed" } else { "faulty.bin: bad bytes" }), "{err}");
+            let (results, took) = rx.recv_timeout(Duration::from_secs(5)).expect("the loader hung");
+            assert_eq!(results.len(), 16, "every batch, the failed one included, as PyTorch's DataLoader");
+            for (k, r) in results.iter().enumerate() {
+                match r {
+                    Ok(indices) => assert_eq!(*indices, (4 * k..4 * k + 4).collect::<Vec<_>>()),
+                    Err(err) => {
+                        assert_eq!(k, 9, "the batch of sample 37 fails: {err}");
+                        assert!(err.contains("sample 37"), "{err}");
+                        assert!(
+                            err.contains(if panic { "cursed" } else { "faulty.bin: bad bytes" }),
+                            "{err}"
+                        );
+                    }
+                }
+            }
+            assert!(results[9].is_err());
             assert!(took < Duration::from_secs(1), "{took:?}");
         }
     }

@@ -161,7 +161,7 @@ impl LoaderBuilder {
         buffers.max_in_flight = prefetch.max(2);
         if self.device.is_cuda() {
             for _ in 0..prefetch + 1 + buffers.max_in_flight {
-                let slot = buffers.new_pinned();
+                let slot = buffers.new_pinned()?;
                 buffers.give_back(slot);
             }
         }

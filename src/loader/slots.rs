@@ -19,16 +19,23 @@ pub(crate) struct Slot {
 impl Slot {
     /// A buffer for `capacity` samples of `shape`; pinned for `pin_for` (a CUDA device).
     /// Not zeroed: only the filled part (all written) is ever read.
-    pub fn new(capacity: usize, shape: [usize; 3], pin_for: Option<Device>) -> Self {
+    /// A failed allocation is [`cifar_data::Error::OutOfMemory`].
+    pub fn new(capacity: usize, shape: [usize; 3], pin_for: Option<Device>) -> cifar_data::Result<Self> {
         let dims = [capacity as i64, shape[0] as i64, shape[1] as i64, shape[2] as i64];
-        let mut images = Tensor::empty(dims, (Kind::Float, Device::Cpu));
-        let mut labels = Tensor::empty([capacity as i64], (Kind::Int64, Device::Cpu));
+        let sample: usize = shape.iter().product();
+        let failed = |what: &str, bytes: usize| cifar_data::Error::OutOfMemory { bytes, what: what.into() };
+        let bytes = capacity.saturating_mul(sample).saturating_mul(4);
+        let mut images = Tensor::f_empty(dims, (Kind::Float, Device::Cpu))
+            .map_err(|_| failed("a batch's images", bytes))?;
+        let mut labels = Tensor::f_empty([capacity as i64], (Kind::Int64, Device::Cpu))
+            .map_err(|_| failed("a batch's labels", capacity * 8))?;
         if let Some(device) = pin_for {
-            images = images.pin_memory(device);
-            labels = labels.pin_memory(device);
+            images = images.f_pin_memory(device).map_err(|_| failed("a pinned batch's images", bytes))?;
+            labels =
+                labels.f_pin_memory(device).map_err(|_| failed("a pinned batch's labels", capacity * 8))?;
         }
         assert!(images.is_contiguous() && labels.is_contiguous());
-        Slot { images, labels, capacity, sample: shape.iter().product() }
+        Ok(Slot { images, labels, capacity, sample })
     }
 
     /// The first `len` samples, as views of the buffer (no copy).
@@ -39,7 +46,7 @@ impl Slot {
 }
 
 impl Buffer for Slot {
-    fn new(capacity: usize, shape: [usize; 3]) -> Self {
+    fn new(capacity: usize, shape: [usize; 3]) -> cifar_data::Result<Self> {
         Slot::new(capacity, shape, None)
     }
 
@@ -94,9 +101,10 @@ impl TchBuffers {
     }
 
     /// A new pinned slot for the CUDA pool.
-    pub fn new_pinned(&mut self) -> Slot {
+    pub fn new_pinned(&mut self) -> cifar_data::Result<Slot> {
+        let slot = Slot::new(self.capacity, self.shape, Some(self.device))?;
         self.allocated += 1;
-        Slot::new(self.capacity, self.shape, Some(self.device))
+        Ok(slot)
     }
 }
 
@@ -122,7 +130,9 @@ impl Buffers for TchBuffers {
             self.free.append(&mut self.in_flight);
             return slot;
         }
-        Some(self.new_pinned())
+        // A pinned slot that cannot be had: the worker tries a plain one, whose failure (if
+        // it fails too) fails the batch with the error.
+        self.new_pinned().ok()
     }
 
     /// Back to CUDA's pool; on the CPU the slot is simply freed.

@@ -65,7 +65,20 @@ impl Augment {
         src: &[f32],
         dst: &mut [f32],
     ) {
-        let (dy, dx, flip) = self.draw(seed, epoch, index);
+        self.apply_drawn(self.draw(seed, epoch, index), shape, src, dst);
+    }
+
+    /// Writes `src` (shape `[c, h, w]`) into `dst` cropped at `(dy, dx)` of its padded form and
+    /// mirrored where `flip` says: the choices made elsewhere (as the Python package's `ds[i]`
+    /// draws them from torch's generator). Offsets past `2 * crop_padding` are clamped to it.
+    pub fn apply_drawn(
+        &self,
+        (dy, dx, flip): (usize, usize, bool),
+        shape: [usize; 3],
+        src: &[f32],
+        dst: &mut [f32],
+    ) {
+        let (dy, dx) = (dy.min(2 * self.crop_padding), dx.min(2 * self.crop_padding));
         let [c, h, w] = shape;
         let p = self.crop_padding as isize;
         let padding = self.padding.unwrap_or(Padding::Zero);

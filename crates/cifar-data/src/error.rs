@@ -33,13 +33,29 @@ pub enum Error {
     /// A setting is out of range (a batch size of 0, a shard rank past the world size, ...).
     #[error("invalid setting: {0}")]
     Config(String),
-    /// A loader worker failed (or panicked) on one sample.
-    #[error("worker failed on sample {index}: {msg}")]
+    /// A loader worker failed (or panicked) on one sample: the batch that holds it fails, and
+    /// the epoch goes on with the next one.
+    #[error("worker failed on sample {index}: {cause}")]
     Worker {
         /// The dataset index of the sample being read.
         index: usize,
-        /// What went wrong.
-        msg: String,
+        /// What went wrong: the source's own error, or [`Error::Panic`].
+        cause: Box<Error>,
+    },
+    /// A source panicked (a bug in it); the message is the panic's.
+    #[error("panicked: {0}")]
+    Panic(String),
+    /// Every loader worker thread has exited (they only do when the pipeline is dropped, or
+    /// when the process could not keep them).
+    #[error("every loader worker has exited")]
+    WorkersGone,
+    /// Memory for `what` could not be allocated.
+    #[error("cannot allocate {bytes} bytes for {what}")]
+    OutOfMemory {
+        /// The size asked for.
+        bytes: usize,
+        /// What it was for.
+        what: String,
     },
     /// The user interrupted the work (Ctrl-C, SIGTERM).
     #[error("interrupted")]
@@ -75,6 +91,33 @@ impl Error {
     pub fn format(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
         Error::Format { path: path.as_ref().to_path_buf(), msg: msg.into() }
     }
+
+    /// The error behind a worker's (the error itself for any other).
+    pub fn root_cause(&self) -> &Error {
+        match self {
+            Error::Worker { cause, .. } => cause.root_cause(),
+            e => e,
+        }
+    }
+}
+
+/// A zeroed vector of `len` values for `what`, or [`Error::OutOfMemory`] where it cannot be
+/// had: a size that comes from the user's settings (a batch, an image size) must be an error,
+/// not the abort `vec!` makes of a failed allocation, nor the kill that follows an allocation
+/// the kernel granted on credit (jemalloc maps without reserving, so a size beyond the
+/// machine's memory is granted, and the process is killed when it is written). Sizes above
+/// 64 MiB are checked against the memory available first.
+pub fn try_zeroed<T: Clone + Default>(len: usize, what: &str) -> Result<Vec<T>> {
+    let bytes = len.saturating_mul(std::mem::size_of::<T>());
+    let refused = || Error::OutOfMemory { bytes, what: what.to_string() };
+    #[cfg(target_os = "linux")]
+    if bytes > 64 << 20 && crate::store::available_memory().is_some_and(|free| bytes as u64 > free) {
+        return Err(refused());
+    }
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| refused())?;
+    v.resize(len, T::default());
+    Ok(v)
 }
 
 /// Adds a path to `std::io::Result`s, as tch-rs's `cifar.rs` does for its readers.

@@ -1,5 +1,8 @@
-//! Which samples each batch of an epoch holds: a permutation seeded by `(seed, epoch)`, the
-//! shard of it that belongs to `(rank, world)`, cut into batches.
+//! Which samples each batch of an epoch holds: a permutation seeded by `(seed, epoch)` (or
+//! the order a user's sampler gave), the shard of it that belongs to `(rank, world)`, cut into
+//! batches.
+use std::sync::Arc;
+
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -15,6 +18,20 @@ pub(crate) fn mix(parts: &[u64]) -> u64 {
         h ^= h >> 31;
     }
     h
+}
+
+/// How the ranks share an epoch whose samples do not divide evenly among them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Shards {
+    /// Every `world`-th sample of the order from `rank` on: disjoint, together the epoch, and
+    /// one sample apart in length at most. The ranks' batches at a step together make one
+    /// process's batch of `world × batch_size` (`cifar-train`'s data-parallel runs).
+    #[default]
+    Strided,
+    /// torch's `DistributedSampler`: the order padded to a multiple of `world` by repeating
+    /// its first samples (or, with `drop_last`, cut to one), then every `world`-th sample from
+    /// `rank` on, so that every rank has the same number of samples, and of batches.
+    Even,
 }
 
 /// The order of an epoch, a function of its settings only.
@@ -34,31 +51,76 @@ pub struct Sampler {
     pub rank: usize,
     /// Number of shards.
     pub world: usize,
+    /// How an epoch that does not divide evenly is shared.
+    pub shards: Shards,
+    /// Every epoch's order, given (by a user's sampler) instead of drawn: `shuffle`, `rank`
+    /// and `world` then play no part in it.
+    pub order: Option<Arc<[usize]>>,
 }
 
 impl Sampler {
     /// `DataLoader(shuffle=True)`'s order: each epoch a new permutation of all `len` samples,
     /// one shard, the last short batch kept.
     pub fn shuffled(len: usize, batch_size: usize, seed: u64) -> Self {
-        Sampler { len, batch_size, shuffle: true, seed, drop_last: false, rank: 0, world: 1 }
+        Sampler {
+            len,
+            batch_size,
+            shuffle: true,
+            seed,
+            drop_last: false,
+            rank: 0,
+            world: 1,
+            shards: Shards::Strided,
+            order: None,
+        }
     }
 
-    /// This shard's sample indices for `epoch`, in order. Shards take every `world`-th sample
-    /// of the permutation from `rank` on: disjoint, and together the whole epoch.
+    /// This shard's sample indices for `epoch`, in order (see [`Shards`]).
     pub fn indices(&self, epoch: u64) -> Vec<usize> {
+        if let Some(order) = &self.order {
+            return order.to_vec();
+        }
         let mut order: Vec<usize> = (0..self.len).collect();
         if self.shuffle {
             order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix(&[self.seed, epoch])));
         }
-        if self.world > 1 {
-            order = order.into_iter().skip(self.rank).step_by(self.world).collect();
+        if self.world == 1 {
+            return order;
         }
-        order
+        if self.shards == Shards::Even {
+            let total = self.even_total();
+            order.truncate(total);
+            // DistributedSampler's padding: the order's first samples again, as often as needed.
+            while order.len() < total {
+                let more = (total - order.len()).min(self.len);
+                order.extend_from_within(..more);
+            }
+        }
+        order.into_iter().skip(self.rank).step_by(self.world).collect()
+    }
+
+    /// The samples all ranks take together under [`Shards::Even`].
+    fn even_total(&self) -> usize {
+        if self.drop_last {
+            self.len / self.world * self.world
+        } else {
+            self.len.div_ceil(self.world) * self.world
+        }
+    }
+
+    /// Samples in each epoch of this shard.
+    pub fn samples_per_epoch(&self) -> usize {
+        match (&self.order, self.shards) {
+            (Some(order), _) => order.len(),
+            (None, _) if self.world == 1 => self.len,
+            (None, Shards::Strided) => self.len / self.world + usize::from(self.rank < self.len % self.world),
+            (None, Shards::Even) => self.even_total() / self.world,
+        }
     }
 
     /// Batches in each epoch of this shard.
     pub fn batches_per_epoch(&self) -> usize {
-        let n = self.len / self.world + usize::from(self.rank < self.len % self.world);
+        let n = self.samples_per_epoch();
         if self.drop_last { n / self.batch_size } else { n.div_ceil(self.batch_size) }
     }
 
@@ -79,7 +141,7 @@ mod tests {
     use super::*;
 
     fn sampler(len: usize, rank: usize, world: usize, drop_last: bool) -> Sampler {
-        Sampler { len, batch_size: 4, shuffle: true, seed: 3, drop_last, rank, world }
+        Sampler { rank, world, drop_last, ..Sampler::shuffled(len, 4, 3) }
     }
 
     #[test]
@@ -105,9 +167,37 @@ mod tests {
     fn shard_lengths_match_batches_per_epoch() {
         for world in 1..5 {
             for rank in 0..world {
-                let s = sampler(11, rank, world, false);
-                assert_eq!(s.batches(2).len(), s.batches_per_epoch());
+                for shards in [Shards::Strided, Shards::Even] {
+                    for drop_last in [false, true] {
+                        let s = Sampler { shards, ..sampler(11, rank, world, drop_last) };
+                        assert_eq!(s.batches(2).len(), s.batches_per_epoch());
+                        assert_eq!(s.indices(2).len(), s.samples_per_epoch());
+                    }
+                }
             }
+        }
+    }
+
+    #[test]
+    fn even_shards_pad_or_cut_as_distributed_sampler_does() {
+        // 11 samples on 4 ranks: padded with the order's first sample to 12, 3 a rank; with
+        // drop_last cut to 8, 2 a rank. On 30 ranks (more than samples) the order repeats.
+        for (world, drop_last, each) in [(4, false, 3), (4, true, 2), (30, false, 1)] {
+            let shards: Vec<Vec<usize>> = (0..world)
+                .map(|rank| {
+                    Sampler { shards: Shards::Even, ..sampler(11, rank, world, drop_last) }.indices(5)
+                })
+                .collect();
+            assert!(shards.iter().all(|s| s.len() == each), "{world} {drop_last}");
+            let order = sampler(11, 0, 1, false).indices(5);
+            let mut flat = vec![0; world * each];
+            for (rank, s) in shards.iter().enumerate() {
+                for (k, &i) in s.iter().enumerate() {
+                    flat[k * world + rank] = i;
+                }
+            }
+            let want: Vec<usize> = order.iter().cycle().take(world * each).copied().collect();
+            assert_eq!(flat, want);
         }
     }
 }

@@ -31,6 +31,13 @@ pub trait Source: Send + Sync {
     fn classes(&self) -> Vec<String> {
         Vec::new()
     }
+
+    /// Called once a batch is read: an error where what was read may not be what the source
+    /// holds (a file cut short while it was read serves zeros that no single read can tell).
+    /// By default, `Ok`.
+    fn check_intact(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A prepared split (`cifar-prep`'s output) as a [`Source`]: rows are read straight from the
@@ -190,6 +197,12 @@ impl Source for Pixels {
     fn classes(&self) -> Vec<String> {
         self.file.classes().to_vec()
     }
+
+    /// A cut that left a page in two served zeros without a fault: the file's length tells.
+    fn check_intact(&self) -> Result<()> {
+        self.file.check_whole("reading a batch")?;
+        self.file.check_length("reading a batch")
+    }
 }
 
 impl<S: Source + ?Sized> Source for std::sync::Arc<S> {
@@ -204,5 +217,8 @@ impl<S: Source + ?Sized> Source for std::sync::Arc<S> {
     }
     fn classes(&self) -> Vec<String> {
         (**self).classes()
+    }
+    fn check_intact(&self) -> Result<()> {
+        (**self).check_intact()
     }
 }

@@ -8,8 +8,11 @@
 /// One batch's memory: `capacity` samples of `C*H*W` f32 values and `capacity` i64 labels.
 pub trait Buffer: Send + 'static {
     /// A buffer for `capacity` samples of `shape` (`[C, H, W]`), made on a worker thread when
-    /// the front has none to give. Need not be zeroed: only the filled part is ever read.
-    fn new(capacity: usize, shape: [usize; 3]) -> Self;
+    /// the front has none to give. Need not be zeroed: only the filled part is ever read. An
+    /// allocation that fails is [`crate::Error::OutOfMemory`], which fails the batch.
+    fn new(capacity: usize, shape: [usize; 3]) -> crate::Result<Self>
+    where
+        Self: Sized;
 
     /// The sample and label memory, for the worker that fills this buffer.
     ///
@@ -79,9 +82,12 @@ pub struct HeapBuffer {
 }
 
 impl Buffer for HeapBuffer {
-    fn new(capacity: usize, shape: [usize; 3]) -> Self {
-        let sample: usize = shape.iter().product();
-        HeapBuffer { images: vec![0.0; capacity * sample], labels: vec![0; capacity] }
+    fn new(capacity: usize, shape: [usize; 3]) -> crate::Result<Self> {
+        let values = shape.iter().fold(capacity, |n, &d| n.saturating_mul(d));
+        Ok(HeapBuffer {
+            images: crate::error::try_zeroed(values, "a batch's images")?,
+            labels: crate::error::try_zeroed(capacity, "a batch's labels")?,
+        })
     }
 
     unsafe fn parts_mut(&mut self) -> (&mut [f32], &mut [i64]) {

@@ -11,6 +11,10 @@
 //! The consumer pairs each job with a buffer in sequence order, so buffers are never held by a
 //! later batch while an earlier one waits (no deadlock however the workers are scheduled), and
 //! at most `prefetch` batches are dispatched ahead of the one being consumed (bounded memory).
+//! With no workers the consumer fills the batch it asks for itself, and nothing ahead.
+//!
+//! A sample that fails fails its batch: that batch is an error, and the epoch goes on with the
+//! next (as PyTorch's `DataLoader` raises for a batch and goes on).
 //! The fronts differ only in their [`Buffers`]: the tch `Loader` (in `cifar-fast`) and the
 //! Python package build on this one pipeline, so both get the same batches, bit for bit.
 mod buffer;
@@ -26,10 +30,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 pub use self::buffer::{Buffer, Buffers, Filled, HeapBuffer, default_prefetch};
-use self::worker::{Done, Job, Recipe};
+use self::worker::{Done, Job, Partial, Recipe};
 use crate::augment::Augment;
 use crate::error::{Error, Result};
 use crate::sampler::Sampler;
+pub use crate::sampler::Shards;
 use crate::source::Source;
 
 /// A pipeline's settings, with PyTorch's `DataLoader` names.
@@ -56,6 +61,13 @@ pub struct Settings {
     pub world: usize,
     /// Start at this epoch, skipping its first batches (to resume). By default, (0, 0).
     pub start: (u64, usize),
+    /// How an epoch that does not divide among the ranks is shared. By default,
+    /// [`Shards::Strided`].
+    pub shards: Shards,
+    /// Every epoch's sample order, as a sampler of the user's gave it, instead of the seeded
+    /// permutation (`shuffle`, `rank` and `world` then play no part in the order). By
+    /// default, none.
+    pub order: Option<Arc<[usize]>>,
 }
 
 impl Default for Settings {
@@ -71,6 +83,8 @@ impl Default for Settings {
             rank: 0,
             world: 1,
             start: (0, 0),
+            shards: Shards::Strided,
+            order: None,
         }
     }
 }
@@ -107,6 +121,12 @@ impl<P: Buffers> Pipeline<P> {
         if source.is_empty() {
             return Err(Error::Config("the dataset is empty".into()));
         }
+        if let Some(bad) = s.order.as_deref().and_then(|o| o.iter().find(|&&i| i >= source.len())) {
+            return Err(Error::Config(format!(
+                "the sampler gave index {bad}, past the dataset's {} samples",
+                source.len()
+            )));
+        }
         let sampler = Sampler {
             len: source.len(),
             batch_size: s.batch_size,
@@ -115,6 +135,8 @@ impl<P: Buffers> Pipeline<P> {
             drop_last: s.drop_last,
             rank: s.rank,
             world: s.world,
+            shards: s.shards,
+            order: s.order.clone(),
         };
         if s.start.1 > sampler.batches_per_epoch() {
             return Err(Error::Config(format!(
@@ -125,7 +147,7 @@ impl<P: Buffers> Pipeline<P> {
         }
         // A batch never holds more than a shard's samples, however large `batch_size` is, and
         // no more batches are made ahead than an epoch has.
-        let capacity = s.batch_size.min(source.len().div_ceil(s.world));
+        let capacity = s.batch_size.min(sampler.samples_per_epoch()).max(1);
         let shape = source.sample_shape();
         let batch_bytes = capacity * shape.iter().product::<usize>() * 4;
         let prefetch = s
@@ -236,7 +258,12 @@ pub struct Epoch<P: Buffers, L: BorrowMut<Pipeline<P>>> {
     dispatched: usize,
     yielded: usize,
     ready: BTreeMap<usize, Done<P::Buffer>>,
-    failed: bool,
+    /// Without workers: the batch being filled on the consumer's thread, kept across calls
+    /// that ran out of time.
+    inline: Option<Partial<P::Buffer>>,
+    scratch: Vec<f32>,
+    /// The workers are gone: nothing more will come.
+    broken: bool,
 }
 
 impl<P: Buffers, L: BorrowMut<Pipeline<P>>> Epoch<P, L> {
@@ -255,7 +282,9 @@ impl<P: Buffers, L: BorrowMut<Pipeline<P>>> Epoch<P, L> {
             dispatched: skip,
             yielded: skip,
             ready: BTreeMap::new(),
-            failed: false,
+            inline: None,
+            scratch: Vec::new(),
+            broken: false,
         }
     }
 
@@ -264,14 +293,15 @@ impl<P: Buffers, L: BorrowMut<Pipeline<P>>> Epoch<P, L> {
         self.epoch
     }
 
-    /// Batches of this epoch yielded so far (those skipped at a resume included).
+    /// Batches of this epoch yielded so far (those skipped at a resume, and those that failed,
+    /// included).
     pub fn position(&self) -> usize {
         self.yielded
     }
 
     /// Batches of this epoch not yet yielded.
     pub fn remaining(&self) -> usize {
-        if self.failed { 0 } else { self.batches.len() - self.yielded }
+        if self.broken { 0 } else { self.batches.len() - self.yielded }
     }
 
     /// The pipeline.
@@ -294,34 +324,78 @@ impl<P: Buffers, L: BorrowMut<Pipeline<P>>> Epoch<P, L> {
 
     /// The next batch, or `Pending` if it is not ready within `timeout` (`None`: wait as long
     /// as it takes). A front that must stay responsive (Python's Ctrl-C) polls with a short
-    /// timeout and calls again.
+    /// timeout and calls again; nothing is lost or repeated between the calls. Without workers
+    /// the batch is filled here, at least one sample a call.
+    ///
+    /// A batch that failed is `Some(Err(..))` naming the sample, and the next call goes on
+    /// with the batch after it.
     pub fn poll_next(&mut self, timeout: Option<Duration>) -> Poll<Option<Result<Filled<P::Buffer>>>> {
-        if self.failed || self.yielded >= self.batches.len() {
+        if self.broken || self.yielded >= self.batches.len() {
             return Poll::Ready(None);
         }
-        self.dispatch();
-        let done = match self.wait_for(self.yielded, timeout.map(|t| Instant::now() + t)) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Ok(done)) => done,
-            Poll::Ready(Err(e)) => {
-                self.failed = true;
-                return Poll::Ready(Some(Err(e)));
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let done = if self.pipeline.borrow().workers.is_empty() {
+            match self.fill_inline(deadline) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(done) => done,
+            }
+        } else {
+            self.dispatch();
+            match self.wait_for(self.yielded, deadline) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(done)) => done,
+                Poll::Ready(Err(e)) => {
+                    self.broken = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
             }
         };
         self.yielded += 1;
-        if let Err(e) = done.result {
-            self.failed = true;
-            self.pipeline.borrow_mut().buffers.give_back(done.filled.buffer);
+        let Done { seq, indices, buffer, result } = done;
+        if let Err(e) = result {
+            if let Some(b) = buffer {
+                self.pipeline.borrow_mut().buffers.give_back(b);
+            }
+            self.dispatch();
             return Poll::Ready(Some(Err(e)));
         }
         // Refill before handing over, so the workers run while the consumer computes.
         self.dispatch();
-        Poll::Ready(Some(Ok(done.filled)))
+        let buffer = buffer.expect("a filled batch has its buffer");
+        Poll::Ready(Some(Ok(Filled { buffer, len: indices.len(), indices, step: seq })))
     }
 
-    /// Keeps `prefetch` batches on their way.
+    /// Fills the batch the consumer waits for on its own thread, until `deadline`.
+    fn fill_inline(&mut self, deadline: Option<Instant>) -> Poll<Done<P::Buffer>> {
+        let p = self.pipeline.borrow_mut();
+        let mut partial = match self.inline.take() {
+            Some(partial) => partial,
+            None => {
+                let job = Job {
+                    seq: self.yielded,
+                    epoch: self.epoch,
+                    indices: std::mem::take(&mut self.batches[self.yielded]),
+                    buffer: p.buffers.take(),
+                };
+                match p.recipe.start(job) {
+                    Ok(partial) => partial,
+                    Err(done) => return Poll::Ready(done),
+                }
+            }
+        };
+        let failed = p.recipe.fill_some(&mut partial, deadline, &mut self.scratch);
+        if failed.is_none() && !partial.is_complete() {
+            self.inline = Some(partial);
+            return Poll::Pending;
+        }
+        Poll::Ready(Recipe::finish(partial, failed))
+    }
+
+    /// Keeps `prefetch` batches on their way to the workers (none without workers: the
+    /// consumer fills the one it asks for).
     fn dispatch(&mut self) {
         let p = self.pipeline.borrow_mut();
+        let Some(jobs) = p.jobs.as_ref().filter(|_| !p.workers.is_empty()) else { return };
         while self.dispatched < self.batches.len() && self.dispatched - self.yielded < p.prefetch {
             let job = Job {
                 seq: self.dispatched,
@@ -330,36 +404,27 @@ impl<P: Buffers, L: BorrowMut<Pipeline<P>>> Epoch<P, L> {
                 buffer: p.buffers.take(),
             };
             self.dispatched += 1;
-            match &p.jobs {
-                Some(jobs) if !p.workers.is_empty() => {
-                    jobs.send(job).expect("workers outlive the pipeline's job channel");
-                }
-                _ => {
-                    let done = p.recipe.run(job, &mut Vec::new());
-                    self.ready.insert(done.filled.step, done);
-                }
-            }
+            jobs.send(job).expect("workers outlive the pipeline's job channel");
         }
     }
 
     fn wait_for(&mut self, seq: usize, deadline: Option<Instant>) -> Poll<Result<Done<P::Buffer>>> {
-        let gone = || Error::Worker { index: 0, msg: "every loader worker has exited".into() };
         loop {
             if let Some(done) = self.ready.remove(&seq) {
                 return Poll::Ready(Ok(done));
             }
             let done = &self.pipeline.borrow().done;
             let done = match deadline {
-                None => done.recv().map_err(|_| gone()),
+                None => done.recv().map_err(|_| Error::WorkersGone),
                 Some(d) => match done.recv_deadline(d) {
                     Ok(done) => Ok(done),
                     Err(RecvTimeoutError::Timeout) => return Poll::Pending,
-                    Err(RecvTimeoutError::Disconnected) => Err(gone()),
+                    Err(RecvTimeoutError::Disconnected) => Err(Error::WorkersGone),
                 },
             };
             match done {
                 Ok(done) => {
-                    self.ready.insert(done.filled.step, done);
+                    self.ready.insert(done.seq, done);
                 }
                 Err(e) => return Poll::Ready(Err(e)),
             }
@@ -382,17 +447,24 @@ impl<P: Buffers, L: BorrowMut<Pipeline<P>>> Iterator for Epoch<P, L> {
 impl<P: Buffers, L: BorrowMut<Pipeline<P>>> Drop for Epoch<P, L> {
     /// Collects the batches still in the workers' hands, so the next epoch starts clean.
     fn drop(&mut self) {
-        let mut outstanding = self.dispatched - self.yielded - self.ready.len();
+        let in_workers = self.dispatched.saturating_sub(self.yielded + self.ready.len());
         let ready = std::mem::take(&mut self.ready);
+        let inline = self.inline.take();
         let p = self.pipeline.borrow_mut();
-        for (_, done) in ready {
-            p.buffers.give_back(done.filled.buffer);
+        let buffers =
+            ready.into_values().filter_map(|d| d.buffer).chain(inline.and_then(Partial::into_buffer));
+        for b in buffers {
+            p.buffers.give_back(b);
         }
-        while outstanding > 0 {
+        if p.workers.is_empty() {
+            return;
+        }
+        for _ in 0..in_workers {
             match p.done.recv() {
                 Ok(done) => {
-                    p.buffers.give_back(done.filled.buffer);
-                    outstanding -= 1;
+                    if let Some(b) = done.buffer {
+                        p.buffers.give_back(b);
+                    }
                 }
                 Err(_) => break,
             }

@@ -1,12 +1,15 @@
-//! The worker threads: each takes a job (an epoch's batch of indices and perhaps a buffer),
-//! gathers the samples straight into the buffer, augments them, and sends it back numbered.
-use std::cell::Cell;
+//! Filling a batch: a job (an epoch's batch of indices and perhaps a buffer) is gathered
+//! straight into its buffer, augmented, and sent back numbered. The worker threads fill whole
+//! jobs; without workers the consumer fills the one it waits for a few samples at a time
+//! ([`Recipe::fill_some`] with a deadline), so that it can answer Ctrl-C between samples and
+//! go on where it stopped.
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::buffer::{Buffer, Filled};
+use super::buffer::Buffer;
 use crate::augment::Augment;
 use crate::error::{Error, Result};
 use crate::source::Source;
@@ -20,10 +23,19 @@ pub(crate) struct Job<B> {
     pub buffer: Option<B>,
 }
 
-/// A worker's answer: the buffer, filled or not.
+/// A job's outcome: its buffer (filled where `result` is `Ok`; `None` only when none could be
+/// allocated) and the error that failed it, naming the sample.
 pub(crate) struct Done<B> {
-    pub filled: Filled<B>,
+    pub seq: usize,
+    pub indices: Vec<usize>,
+    pub buffer: Option<B>,
     pub result: Result<()>,
+}
+
+/// A job under way: its buffer and the samples written so far.
+pub(crate) struct Partial<B> {
+    job: Job<B>,
+    filled: usize,
 }
 
 /// What every worker shares.
@@ -38,53 +50,104 @@ pub(crate) struct Recipe {
 }
 
 impl Recipe {
-    /// Fills the job's buffer, turning a failure or panic on a sample into an error naming it.
+    /// Fills the whole job.
     pub fn run<B: Buffer>(&self, job: Job<B>, scratch: &mut Vec<f32>) -> Done<B> {
-        let Job { seq, epoch, indices, buffer } = job;
-        let mut buffer = buffer.unwrap_or_else(|| B::new(self.capacity, self.shape));
-        let current = Cell::new(None);
-        let result =
-            catch_unwind(AssertUnwindSafe(|| self.fill(epoch, &indices, &mut buffer, scratch, &current)));
-        let result = match result {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Error::Worker { index: current.get().unwrap_or(0), msg: e.to_string() }),
-            Err(panic) => {
-                let msg = panic
+        match self.start(job) {
+            Ok(mut partial) => {
+                let failed = self.fill_some(&mut partial, None, scratch);
+                Self::finish(partial, failed)
+            }
+            Err(done) => done,
+        }
+    }
+
+    /// The job with its buffer: the front's, else a fresh one (a failed allocation fails it).
+    pub fn start<B: Buffer>(&self, mut job: Job<B>) -> std::result::Result<Partial<B>, Done<B>> {
+        if job.buffer.is_none() {
+            match B::new(self.capacity, self.shape) {
+                Ok(b) => job.buffer = Some(b),
+                Err(e) => {
+                    let index = job.indices.first().copied().unwrap_or(0);
+                    let result = Err(Error::Worker { index, cause: Box::new(e) });
+                    return Err(Done { seq: job.seq, indices: job.indices, buffer: None, result });
+                }
+            }
+        }
+        Ok(Partial { job, filled: 0 })
+    }
+
+    /// Fills the job's next samples, at least one, until all are written or `deadline` has
+    /// passed. Returns the error that failed the job, if one did (the job is then over);
+    /// [`Partial::is_complete`] tells whether it is over otherwise.
+    pub fn fill_some<B: Buffer>(
+        &self,
+        partial: &mut Partial<B>,
+        deadline: Option<Instant>,
+        scratch: &mut Vec<f32>,
+    ) -> Option<Error> {
+        let size: usize = self.shape.iter().product();
+        scratch.resize(size, 0.0);
+        let Partial { job, filled } = partial;
+        let buffer = job.buffer.as_mut().expect("a started job has its buffer");
+        // SAFETY: a buffer reaches a job only fresh or back from every user of it (the fronts'
+        // contract with `Buffers::take`), so nothing else touches it while it is filled.
+        let (images, labels) = unsafe { buffer.parts_mut() };
+        let result = catch_unwind(AssertUnwindSafe(|| -> Result<()> {
+            while *filled < job.indices.len() {
+                let (k, i) = (*filled, job.indices[*filled]);
+                let out = &mut images[k * size..(k + 1) * size];
+                labels[k] = if self.augment.is_identity() {
+                    self.source.read_into(i, out)?
+                } else {
+                    let label = self.source.read_into(i, scratch)?;
+                    self.augment.apply(self.seed, job.epoch, i, self.shape, scratch, out);
+                    label
+                };
+                *filled += 1;
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+            }
+            if *filled == job.indices.len() {
+                // What was read is checked once for the batch: a file cut meanwhile may have
+                // served zeros where no read could tell.
+                self.source.check_intact()?;
+            }
+            Ok(())
+        }));
+        let index = job.indices.get(*filled).or(job.indices.last()).copied().unwrap_or(0);
+        let cause = match result {
+            Ok(Ok(())) => return None,
+            Ok(Err(e)) => e,
+            Err(panic) => Error::Panic(
+                panic
                     .downcast_ref::<String>()
                     .cloned()
                     .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "unknown panic".into());
-                Err(Error::Worker { index: current.get().unwrap_or(0), msg: format!("panicked: {msg}") })
-            }
+                    .unwrap_or_else(|| "unknown panic".into()),
+            ),
         };
-        Done { filled: Filled { buffer, len: indices.len(), indices, step: seq }, result }
+        // Over: nothing more is filled into this job.
+        *filled = job.indices.len();
+        Some(Error::Worker { index, cause: Box::new(cause) })
     }
 
-    fn fill<B: Buffer>(
-        &self,
-        epoch: u64,
-        indices: &[usize],
-        buffer: &mut B,
-        scratch: &mut Vec<f32>,
-        current: &Cell<Option<usize>>,
-    ) -> Result<()> {
-        let size: usize = self.shape.iter().product();
-        scratch.resize(size, 0.0);
-        // SAFETY: a buffer reaches a worker only fresh or back from every user of it (the
-        // fronts' contract with `Buffers::take`), so nothing else touches it while it is filled.
-        let (images, labels) = unsafe { buffer.parts_mut() };
-        for (k, &i) in indices.iter().enumerate() {
-            current.set(Some(i));
-            let out = &mut images[k * size..(k + 1) * size];
-            labels[k] = if self.augment.is_identity() {
-                self.source.read_into(i, out)?
-            } else {
-                let label = self.source.read_into(i, scratch)?;
-                self.augment.apply(self.seed, epoch, i, self.shape, scratch, out);
-                label
-            };
-        }
-        Ok(())
+    /// The job's outcome, once [`Recipe::fill_some`] has completed or failed it.
+    pub fn finish<B: Buffer>(partial: Partial<B>, failed: Option<Error>) -> Done<B> {
+        let Job { seq, indices, buffer, .. } = partial.job;
+        Done { seq, indices, buffer, result: failed.map_or(Ok(()), Err) }
+    }
+}
+
+impl<B> Partial<B> {
+    /// Whether every sample is written.
+    pub fn is_complete(&self) -> bool {
+        self.filled == self.job.indices.len()
+    }
+
+    /// The job's buffer, to give back when the job is abandoned.
+    pub fn into_buffer(self) -> Option<B> {
+        self.job.buffer
     }
 }
 

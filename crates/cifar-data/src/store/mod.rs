@@ -44,6 +44,8 @@ pub struct TensorFile {
     path: PathBuf,
     /// Kept open for [`TensorFile::read_image`].
     file: std::fs::File,
+    /// The file's length when opened.
+    file_len: u64,
     map: Mmap,
     len: usize,
     dtype: StoreDtype,
@@ -181,6 +183,7 @@ impl TensorFile {
         let out = TensorFile {
             path: path.to_path_buf(),
             file,
+            file_len,
             map,
             watch,
             surviving: false,
@@ -306,6 +309,18 @@ impl TensorFile {
         match self.watch {
             Some(slot) if self.surviving && sigbus::truncated(slot) => Err(self.truncated(doing)),
             _ => Ok(()),
+        }
+    }
+
+    /// Whether the file still has the length it had when opened (an error saying it was
+    /// truncated, found while `doing`, if not). A truncation that cuts a page in two is seen
+    /// by no fault: the rest of that page reads as zeros. A reader of the map that must never
+    /// serve those calls this after its reads.
+    pub(crate) fn check_length(&self, doing: &str) -> Result<()> {
+        match self.file.metadata() {
+            Ok(m) if m.len() < self.file_len => Err(self.truncated(doing)),
+            Ok(_) => Ok(()),
+            Err(e) => Err(Error::io(&self.path, e)),
         }
     }
 

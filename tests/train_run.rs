@@ -72,13 +72,21 @@ fn fake_shared_jpegs(tarball: &Path, n: u32) {
 fn without_network_the_real_images_beside_the_checkout_are_used_and_else_one_clear_error() {
     let dir = scratch("run_offline");
     fake_shared_jpegs(&dir.join("shared/data/cifar-10-jpeg.tar.gz"), 3);
-    let work = dir.join("work");
+    // The binary where a build leaves it in a checkout beside `shared/`; the working directory
+    // elsewhere, beside a decoy that is not taken for the images.
+    let exe = dir.join("checkout/target/release/cifar-train");
+    std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
+    std::fs::copy(train_exe(), &exe).unwrap();
+    let work = dir.join("elsewhere/work");
     std::fs::create_dir_all(&work).unwrap();
-    let o = train_in(&work, train_exe(), &["--download-url", &dead_url(), "--max-steps", "2"]);
+    std::fs::create_dir_all(dir.join("elsewhere/shared/data")).unwrap();
+    std::fs::write(dir.join("elsewhere/shared/data/cifar-10-jpeg.tar.gz"), b"a decoy").unwrap();
+    let o = train_in(&work, exe.to_str().unwrap(), &["--download-url", &dead_url(), "--max-steps", "2"]);
     let out = text(&o);
     assert!(o.status.success(), "{out}");
+    let beside = dir.join("shared/data/cifar-10-jpeg.tar.gz").canonicalize().unwrap();
     assert!(
-        out.contains("using the real CIFAR-10 images in ../shared/data/cifar-10-jpeg.tar.gz instead"),
+        out.contains(&format!("using the real CIFAR-10 images in {} instead", beside.display())),
         "{out}"
     );
     let f = cifar_fast::TensorFile::open(work.join("data/cifar10-train.safetensors")).unwrap();

@@ -14,10 +14,50 @@ pub fn regular_file(path: &Path) -> Result<Metadata> {
     Ok(meta)
 }
 
-/// Opens `path` for reading if it is a regular file.
+/// Opens `path` for reading if it is a regular file. The type is checked on the open file
+/// (opened without blocking, so that a FIFO cannot hold the open), not on the name, so a file
+/// swapped for another kind meanwhile is refused too.
 pub fn open_regular(path: &Path) -> Result<File> {
-    regular_file(path)?;
-    File::open(path).at(path)
+    use std::fs::OpenOptions;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    options.custom_flags(libc::O_NONBLOCK);
+    let file = options.open(path).at(path)?;
+    let meta = file.metadata().at(path)?;
+    if !meta.is_file() {
+        return Err(Error::format(path, format!("is {}, not a regular file", kind_of(&meta))));
+    }
+    Ok(file)
+}
+
+/// The whole of `path`, a regular file of at most `max_bytes` bytes (a larger one, or a FIFO,
+/// socket or device, is refused before a byte is read).
+pub fn read_regular(path: &Path, max_bytes: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut file = open_regular(path)?;
+    let len = file.metadata().at(path)?.len();
+    if len > max_bytes {
+        return Err(Error::format(
+            path,
+            format!("is {len} bytes, more than the {max_bytes} an image may be"),
+        ));
+    }
+    let mut bytes = Vec::new();
+    bytes
+        .try_reserve_exact(len as usize)
+        .map_err(|_| Error::OutOfMemory { bytes: len as usize, what: format!("{}", path.display()) })?;
+    // One byte past the length read at open tells a file that grew meanwhile.
+    file.by_ref().take(max_bytes + 1).read_to_end(&mut bytes).at(path)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(Error::format(
+            path,
+            format!("grew past the {max_bytes} bytes an image may be while read"),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// What kind of file `meta` describes, in words.

@@ -26,6 +26,31 @@ pub struct Root {
     /// The real CIFAR-10 images (`cifar-10-jpeg.tar.gz`) to prepare where the download fails.
     /// By default, [`offline_images`].
     pub offline: Option<PathBuf>,
+    /// How an error tells the user to prepare a tarball, for the front they use. By default,
+    /// [`Front::Cli`].
+    pub front: Front,
+}
+
+/// The user's way in, for the advice an error gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Front {
+    /// The binaries: `cifar-prep TARBALL --out DIR`.
+    #[default]
+    Cli,
+    /// The Python package: `cifar_fast.prepare("TARBALL", out="DIR")`.
+    Python,
+}
+
+impl Front {
+    /// The command that prepares a tarball into `dir`, in this front's words.
+    pub fn prepare_command(self, dir: &Path) -> String {
+        match self {
+            Front::Cli => format!("`cifar-prep TARBALL --out {}`", dir.display()),
+            Front::Python => {
+                format!("`cifar_fast.prepare(\"TARBALL\", out={:?})`", dir.display().to_string())
+            }
+        }
+    }
 }
 
 impl Root {
@@ -37,6 +62,7 @@ impl Root {
             download: true,
             download_from: None,
             offline: offline_images(),
+            front: Front::Cli,
         }
     }
 }
@@ -55,23 +81,39 @@ pub fn official(dataset: Option<&str>) -> &'static download::Official {
     &download::OFFICIAL[if dataset == Some("cifar100") { 2 } else { 0 }]
 }
 
-/// The CIFAR inputs prepared by themselves when found in the data directory.
-pub const TARBALLS: [&str; 5] = [
+/// The CIFAR inputs prepared by themselves when found in the data directory: the official
+/// tarballs and the folders they extract to (torchvision's own `root` holds these).
+pub const TARBALLS: [&str; 6] = [
     "cifar-10-binary.tar.gz",
     "cifar-10-python.tar.gz",
     "cifar-10-batches-bin",
     "cifar-10-batches-py",
     "cifar-100-python.tar.gz",
+    "cifar-100-python",
 ];
 
 /// The real CIFAR-10 images beside the checkout (`../shared/data/cifar-10-jpeg.tar.gz`), for
-/// machines without a network: looked for from the working directory, then from the checkout
-/// the running program was built in (`<checkout>/target/<profile>/<program>`).
+/// machines without a network: `CIFAR_FAST_OFFLINE_IMAGES` where set (empty: none), else beside
+/// the checkout the running program was built in (`<checkout>/target/<profile>/<program>`).
+/// Never from the working directory: a file that happens to sit there is not taken for them.
 pub fn offline_images() -> Option<PathBuf> {
-    let rel = Path::new("../shared/data/cifar-10-jpeg.tar.gz");
-    let checkout =
-        std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.parent()?.parent()?.to_path_buf()));
-    std::iter::once(rel.to_path_buf()).chain(checkout.map(|c| c.join(rel))).find(|p| p.is_file())
+    let exe = std::env::current_exe().ok();
+    offline(exe.and_then(|exe| Some(exe.parent()?.parent()?.parent()?.to_path_buf())))
+}
+
+/// As [`offline_images`], for a program whose checkout is not where it runs from (the Python
+/// extension, loaded by an interpreter, knows the checkout it was built in).
+pub fn offline_images_beside(checkout: &Path) -> Option<PathBuf> {
+    offline(Some(checkout.to_path_buf()))
+}
+
+fn offline(checkout: Option<PathBuf>) -> Option<PathBuf> {
+    let found = match std::env::var_os("CIFAR_FAST_OFFLINE_IMAGES") {
+        Some(set) => Some(PathBuf::from(set)).filter(|p| !p.as_os_str().is_empty()),
+        None => checkout.map(|c| c.join("../shared/data/cifar-10-jpeg.tar.gz")),
+    };
+    let found = found.filter(|p| p.is_file())?;
+    Some(found.canonicalize().unwrap_or(found))
 }
 
 /// The names NAME with both `NAME-train` and `NAME-test` tensor files in `dir`, sorted.
@@ -137,18 +179,6 @@ pub fn find_or_prepare(
     }
     let want100 = root.dataset.as_deref() == Some("cifar100");
     let official = official(root.dataset.as_deref());
-    if !root.download {
-        return Err(Error::NotFound {
-            path: dir.clone(),
-            msg: format!(
-                "no prepared {} data in {dir}: put {} (or any CIFAR tarball) in {dir} and prepare it \
-                 with `cifar-prep TARBALL --out {dir}`, or allow the download",
-                if want100 { "CIFAR-100" } else { "CIFAR-10" },
-                official.file,
-                dir = dir.display()
-            ),
-        });
-    }
     let prepare_from = |input: &Path, name: Option<&str>, say: &mut dyn FnMut(&str)| -> Result<Prepared> {
         say(&format!("preparing {} (once) ...", input.display()));
         let opts = PrepOptions { name: name.map(String::from), ..PrepOptions::default() };
@@ -159,12 +189,27 @@ pub fn find_or_prepare(
             _ => Err(Error::format(input, "has no train and test splits")),
         }
     };
+    // What torchvision's `root` holds, used as torchvision uses it with or without `download`.
     if let Some(input) = TARBALLS
         .iter()
         .map(|n| dir.join(n))
         .find(|p| p.exists() && p.to_string_lossy().contains("100") == want100)
     {
         return prepare_from(&input, None, say);
+    }
+    if !root.download {
+        return Err(Error::NotFound {
+            path: dir.clone(),
+            msg: format!(
+                "no {} data in {dir}: put {} (or any CIFAR tarball, or torchvision's extracted {}) in \
+                 {dir}, or prepare one with {}, or allow the download",
+                if want100 { "CIFAR-100" } else { "CIFAR-10" },
+                official.file,
+                if want100 { "cifar-100-python" } else { "cifar-10-batches-py" },
+                root.front.prepare_command(dir),
+                dir = dir.display()
+            ),
+        });
     }
     let (url, md5) = match &root.download_from {
         Some((url, md5)) => (url.as_str(), md5.as_str()),
@@ -185,10 +230,11 @@ pub fn find_or_prepare(
         (Err(e), _) => Err(Error::NotFound {
             path: dir.clone(),
             msg: format!(
-                "no CIFAR data in {dir}, and {e}. Put {file} in {dir} (or any CIFAR tarball), or run \
-                 `cifar-prep TARBALL --out {dir}`",
+                "no CIFAR data in {dir}, and {e}. Put {file} in {dir} (or any CIFAR tarball), or prepare \
+                 one with {command}",
                 dir = dir.display(),
-                file = official.file
+                file = official.file,
+                command = root.front.prepare_command(dir)
             ),
         }),
     }

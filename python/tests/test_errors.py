@@ -96,20 +96,167 @@ def test_index_out_of_range_and_not_an_integer(ds):
     assert torch.equal(ds[-1][0], ds[99][0])
 
 
-def test_a_corrupt_image_in_a_folder_names_it_and_the_loader_goes_on(tmp_path, root):
+def small_folder(tmp_path, n, corrupt=()):
+    from PIL import Image
     d = tmp_path / "f" / "cat"
     d.mkdir(parents=True)
-    from PIL import Image
-    for i in range(6):
+    for i in range(n):
         Image.new("RGB", (32, 32), (i, 0, 0)).save(d / f"{i}.png")
-    (d / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
-    ds = cifar_fast.ImageFolder(tmp_path / "f")
+    for i in corrupt:
+        (d / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    return tmp_path / "f"
+
+
+def test_a_corrupt_image_in_a_folder_names_it_and_the_loader_goes_on(tmp_path, root):
+    ds = cifar_fast.ImageFolder(small_folder(tmp_path, 6, corrupt=[3]))
     loader = cifar_fast.DataLoader(ds, batch_size=2, num_workers=2)
     with pytest.raises(cifar_fast.FormatError, match="3.png"):
         list(loader)
     with pytest.raises(cifar_fast.FormatError, match="3.png"):
         ds[3]
     assert len(ds[2][0]) == 3
+
+
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_a_failing_sample_fails_its_batch_and_the_epoch_goes_on_as_in_torch(tmp_path, workers):
+    ds = cifar_fast.ImageFolder(small_folder(tmp_path, 10, corrupt=[4]))
+    loader = cifar_fast.DataLoader(ds, batch_size=1, num_workers=workers)
+    it = iter(loader)
+    got, errors = [], []
+    for _ in range(len(loader)):
+        try:
+            got.append(int(next(it)[0][0, 0, 0, 0] * 255 + 0.5))
+        except cifar_fast.FormatError as e:
+            errors.append(str(e))
+    with pytest.raises(StopIteration):
+        next(it)
+    assert got == [0, 1, 2, 3, 5, 6, 7, 8, 9] and len(errors) == 1 and "4.png" in errors[0]
+    assert loader.state_dict()["batches_yielded"] in (10, 0)
+
+
+def test_a_failing_batch_does_not_hold_the_gil_while_the_others_finish(tmp_path):
+    import threading
+    import time
+    import numpy as np
+    from PIL import Image
+    d = small_folder(tmp_path, 2, corrupt=[0])
+    rng = np.random.default_rng(0)
+    big = Image.fromarray(rng.integers(0, 255, (2000, 2000, 3), dtype=np.uint8))
+    big.save(tmp_path / "big.png", compress_level=1)
+    for i in range(2, 42):
+        # Seconds of decoding on their way when the first batch fails.
+        os.link(tmp_path / "big.png", d / "cat" / f"{i}.png")
+    loader = cifar_fast.DataLoader(cifar_fast.ImageFolder(d, resize=True), batch_size=1, num_workers=2)
+    ticks, stop = [], threading.Event()
+
+    def tick():
+        while not stop.is_set():
+            ticks.append(time.monotonic())
+            time.sleep(0.002)
+
+    it = iter(loader)
+    t = threading.Thread(target=tick)
+    t.start()
+    try:
+        with pytest.raises(cifar_fast.FormatError):
+            next(it)
+        it.close()
+    finally:
+        stop.set()
+        t.join()
+    gaps = np.diff(ticks)
+    assert gaps.max() < 0.3, f"the GIL was held {gaps.max():.2f} s"
+
+
+def test_a_buffer_that_cannot_be_allocated_is_a_memory_error(tmp_path):
+    import subprocess
+    import sys
+    folder = small_folder(tmp_path, 2)
+    script = f"""
+import cifar_fast
+ds = cifar_fast.ImageFolder({str(folder)!r}, size=(200000, 200000), resize=True)
+for what in ("loader", "sample"):
+    try:
+        next(iter(cifar_fast.DataLoader(ds, batch_size=2, num_workers=1))) if what == "loader" else ds[0]
+        print(what, "allocated")
+    except MemoryError as e:
+        print(what, "MemoryError")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["loader", "MemoryError", "sample", "MemoryError"]
+
+
+def test_special_files_in_a_folder_are_refused_before_they_are_read(tmp_path):
+    import subprocess
+    import sys
+    folder = small_folder(tmp_path, 3)
+    os.mkfifo(folder / "cat" / "9.png")
+    script = f"""
+import cifar_fast
+ds = cifar_fast.ImageFolder({str(folder)!r})
+try:
+    ds[3]
+except cifar_fast.FormatError as e:
+    print("sample:", e)
+try:
+    list(cifar_fast.DataLoader(ds, batch_size=4, num_workers=1))
+except cifar_fast.FormatError as e:
+    print("loader:", e)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2 and all("9.png" in l and "FIFO" in l for l in lines), out.stdout
+
+
+def test_nested_folders_in_a_class_are_read_as_torchvision_reads_them(tmp_path):
+    import torchvision
+    from PIL import Image
+    layout = ["cat/0.png", "cat/sub/1.png", "cat/sub/deeper/2.png", "cat/a b/3.png", "cat/a/4.png",
+              "dog/x/5.png", "dog/6.png", "dog/Z/7.png"]
+    for k, rel in enumerate(layout):
+        p = tmp_path / "n" / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), (k * 10, 0, 0)).save(p)
+    ours = cifar_fast.ImageFolder(tmp_path / "n", transform=T.ToTensor())
+    theirs = torchvision.datasets.ImageFolder(str(tmp_path / "n"), transform=T.ToTensor())
+    assert len(ours) == len(theirs) == 8 and ours.targets == theirs.targets
+    for i in range(8):
+        assert torch.equal(ours[i][0], theirs[i][0]), i
+
+
+def test_a_class_without_images_is_refused_as_torchvision_refuses_it(tmp_path):
+    folder = small_folder(tmp_path, 2)
+    (folder / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no valid file for the classes empty"):
+        cifar_fast.ImageFolder(folder)
+
+
+def test_a_file_cut_inside_a_page_under_a_live_loader_is_an_error(tmp_path, train_file):
+    # The page that holds the new end of the file reads as zeros past it, with no fault to see:
+    # the last image's end is cut off inside its last page.
+    import json
+    live = tmp_path / "live.safetensors"
+    shutil.copy(train_file, live)
+    with open(live, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        info = json.loads(f.read(n))
+    last_byte = 8 + n + info["images"]["data_offsets"][1] - 1
+    page = last_byte // 4096 * 4096
+    cut = page + max(1, (last_byte - page) // 2)
+    assert page < cut <= last_byte
+    ds = cifar_fast.TensorFile(live)
+    loader = cifar_fast.DataLoader(ds, batch_size=10, num_workers=2)
+    it = iter(loader)
+    next(it)
+    with open(live, "r+b") as f:
+        f.truncate(cut)
+    with pytest.raises(cifar_fast.FormatError, match="live.safetensors.*truncated"):
+        ds[len(ds) - 1]
+    with pytest.raises(cifar_fast.FormatError, match="truncated"):
+        for _ in it:
+            pass
 
 
 def test_a_file_truncated_under_a_live_loader_is_an_error(tmp_path, train_file):

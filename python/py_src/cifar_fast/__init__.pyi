@@ -1,6 +1,6 @@
-"""Type stubs for cifar_fast (see the package docstring and the README's Python section)."""
+"""Type stubs for cifar_fast (see the package docstring and docs/python.md)."""
 from os import PathLike
-from typing import Any, Callable, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 _Path = Union[str, PathLike]
 SUPPORTED_TRANSFORMS: str
@@ -32,8 +32,14 @@ class CIFAR10(_Dataset):
 class CIFAR100(CIFAR10): ...
 
 class ImageFolder(_Dataset):
-    def __init__(self, root: _Path, transform: Any = None, size: Optional[Tuple[int, int]] = None,
+    root: _Path
+    def __init__(self, root: _Path, transform: Any = None, target_transform: None = None, loader: None = None,
+                 is_valid_file: None = None, allow_empty: bool = False, *, size: Optional[Tuple[int, int]] = None,
                  resize: bool = False, output: Optional[str] = None) -> None: ...
+    @property
+    def samples(self) -> list[Tuple[str, int]]: ...
+    @property
+    def imgs(self) -> list[Tuple[str, int]]: ...
 
 def prepare(input: _Path, out: _Path = "data", dtype: str = "f32", mean: Optional[Sequence[float]] = None,
             std: Optional[Sequence[float]] = None, dataset_stats: bool = False,
@@ -44,16 +50,23 @@ class DataLoader:
     dataset: _Dataset
     batch_size: int
     shuffle: bool
+    sampler: Optional[Iterable[int]]
     num_workers: int
     drop_last: bool
     seed: int
     pin_memory: bool
+    prefetch_factor: Optional[int]
+    timeout: float
     rank: int
     world_size: int
-    def __init__(self, dataset: _Dataset, batch_size: int = 1, shuffle: bool = False, num_workers: int = 0,
-                 drop_last: bool = False, seed: Optional[int] = None, pin_memory: bool = False,
-                 prefetch_factor: Optional[int] = None, rank: Optional[int] = None,
-                 world_size: Optional[int] = None, output: Optional[str] = None) -> None: ...
+    def __init__(self, dataset: _Dataset, batch_size: int = 1, shuffle: Optional[bool] = None,
+                 sampler: Optional[Iterable[int]] = None, batch_sampler: None = None, num_workers: int = 0,
+                 collate_fn: None = None, pin_memory: bool = False, drop_last: bool = False, timeout: float = 0,
+                 worker_init_fn: None = None, multiprocessing_context: Any = None, generator: Any = None, *,
+                 prefetch_factor: Optional[int] = None, persistent_workers: bool = False,
+                 pin_memory_device: str = "", in_order: bool = True, seed: Optional[int] = None,
+                 rank: Optional[int] = None, world_size: Optional[int] = None,
+                 output: Optional[str] = None) -> None: ...
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[Tuple[Any, Any]]: ...
     def set_epoch(self, epoch: int) -> None: ...

@@ -25,20 +25,47 @@ def _f32(x):
 class Native:
     """What the workers do to each sample: `norm` (mean, std of pixel / 255, or None for the
     data's own), a crop after `crop_padding` pixels of `padding_mode` padding whose constant is
-    `fill` (normalized), and a coin-flip mirror."""
+    `fill` (normalized), and a coin-flip mirror. `random` lists the random steps in the order
+    the transform takes them, for `ds[i]` to draw as torchvision draws."""
 
     def __init__(self, norm=None, crop_padding=0, padding_mode="constant", fill=(0.0, 0.0, 0.0), flip=False,
-                 crop_size=None):
+                 crop_size=None, random=()):
         self.norm = norm
         self.crop_size = crop_size
         self.crop_padding = crop_padding
         self.padding_mode = padding_mode
         self.fill = tuple(fill)
         self.flip = flip
+        self.random = list(random)
 
     def kwargs(self):
         return dict(norm=self.norm, crop_padding=self.crop_padding, padding_mode=self.padding_mode,
                     fill=list(self.fill), flip=self.flip, crop_size=self.crop_size)
+
+    def draw(self):
+        """One sample's `(dy, dx, flip)` drawn from torch's generator with the calls, in the
+        order, torchvision's transforms make them: so `torch.manual_seed(s)` then `ds[i]` gives
+        what torchvision gives after the same seed, and torch's DataLoader workers (each seeded
+        by torch) draw anew each epoch. `None` where nothing is random."""
+        if not self.random:
+            return None
+        import torch
+        p = self.crop_padding
+        dy = dx = p
+        flip = False
+        for kind, v2, arg in self.random:
+            if kind == "crop":
+                if p == 0:
+                    continue  # a crop to the image's own size draws nothing, in v1 as in v2
+                size = () if v2 else (1,)
+                dy = int(torch.randint(0, 2 * p + 1, size=size))
+                dx = int(torch.randint(0, 2 * p + 1, size=size))
+                if flip:
+                    # Flipped before it was cropped: the same window, read from the other side.
+                    dx = 2 * p - dx
+            else:
+                flip = bool(torch.rand(1) < arg)
+        return dy, dx, flip
 
 
 def _steps(transform):
@@ -93,6 +120,7 @@ def parse(transform, default_norm):
     norm = None
     crop = None
     flip = False
+    random = []  # (kind, v2, argument) in the transform's order
     for t in _steps(transform):
         cls = type(t)
         name = cls.__name__
@@ -129,16 +157,20 @@ def parse(transform, default_norm):
                 raise _refuse(t, "a fill per input type")
             fill = [0.0] * 3 if fill is None else _triple("fill", fill)
             crop = (pads[0], mode, fill, space, size)
+            random.append(("crop", _is_v2(t), None))
         elif name == "RandomHorizontalFlip":
+            if any(kind == "flip" for kind, _, _ in random):
+                raise _refuse(t, "one RandomHorizontalFlip is run natively")
             p = float(getattr(t, "p", 0.5))
             if p == 0.5:
                 flip = True
             elif p != 0.0:
                 raise _refuse(t, f"p={p}: a flip with probability 0.5 (or 0) is run natively")
+            random.append(("flip", _is_v2(t), p))
         else:
             raise _refuse(t)
     norm = norm or default_norm
-    native = Native(norm=norm)
+    native = Native(norm=norm, random=random)
     if crop is not None:
         padding, mode, fill, space, size = crop
         native.crop_size = tuple(int(x) for x in size)
@@ -147,6 +179,10 @@ def parse(transform, default_norm):
         native.fill = tuple(_normalized_fill(fill, space, norm))
     native.flip = flip
     return native
+
+
+def _is_v2(t):
+    return type(t).__module__.startswith("torchvision.transforms.v2")
 
 
 def _scales_to_float(t):

@@ -437,8 +437,9 @@ def bench_python(args):
     # blocks with the bound's in one process.
     steps = {4: (1500, 3000, 10), 32: (300, 1200, 12), 256: (40, 160, 8)}
 
-    def py(*a):
-        return json_line([sys.executable, script, *map(str, a), "--data", data])
+    def py(*a, path=None):
+        env = None if path is None else dict(os.environ, PYTHONPATH=path)
+        return json_line([sys.executable, script, *map(str, a), "--data", data], env=env)
 
     def loader_contenders(b):
         theirs, ours = loads.get(b, (24000, 400000))
@@ -448,7 +449,8 @@ def bench_python(args):
             ("ours/2", lambda: py("loader", "--impl", "ours", "--batch-size", b, "--workers", 2, "--images", ours)),
             ("rust/2", lambda: json_line([rust, "--data", data, "--mode", "loader", "--batch-size", str(b),
                                           "--workers", "2", "--images", str(ours)])),
-        ]
+        ] + ([("before/2", lambda: py("loader", "--impl", "ours", "--batch-size", b, "--workers", 2, "--images",
+                                      ours, path=args.baseline))] if args.baseline else [])
 
     def loop_contenders(b):
         theirs, ours, blocks = steps.get(b, (40, 160, 8))
@@ -456,7 +458,8 @@ def bench_python(args):
             ("torch", lambda: py("loop", "--impl", "torch", "--batch-size", b, "--workers", 1, "--steps", theirs)),
             ("ours", lambda: py("loop", "--impl", "ours", "--batch-size", b, "--workers", 2, "--steps", ours,
                                 "--blocks", blocks)),
-        ]
+        ] + ([("before", lambda: py("loop", "--impl", "ours", "--batch-size", b, "--workers", 2, "--steps", ours,
+                                    "--blocks", blocks, path=args.baseline))] if args.baseline else [])
 
     rows = {}
     for rep in range(args.reps):
@@ -495,6 +498,17 @@ def bench_python(args):
               f"| {100 * ratio(ours, bound):.1f}% | {100 * med('loop', 'ours', b, 'data_wait_share'):.2f}% |")
     print("per-run shares of the bound:", json.dumps({b: [round(o / r, 3) for o, r in zip(
         values("loop", "ours", b), values("loop", "ours", b, "bound_images_per_s"))] for b in args.batch_sizes}))
+    if args.baseline:
+        print(f"\nThis build against {args.baseline} (median of the per-rep ratios, this ÷ that)\n")
+        print("| B | loader alone | loop | loop's share of its bound, this / that |")
+        print("|---:|---:|---:|---:|")
+        for b in args.batch_sizes:
+            shares = [values("loop", n, b) for n in ("ours", "before")]
+            bounds = [values("loop", n, b, "bound_images_per_s") for n in ("ours", "before")]
+            print(f"| {b} | {ratio(values('loader', 'ours/2', b), values('loader', 'before/2', b)):.3f} "
+                  f"| {ratio(values('loop', 'ours', b), values('loop', 'before', b)):.3f} "
+                  f"| {median(o / r for o, r in zip(*[shares[0], bounds[0]])):.3f} / "
+                  f"{median(o / r for o, r in zip(*[shares[1], bounds[1]])):.3f} |")
     print("\nall runs:", json.dumps({"/".join(map(str, k)): [round(r["images_per_s"]) for r in v]
                                     for k, v in rows.items()}))
 
@@ -509,7 +523,8 @@ def main():
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--baseline", metavar="EXE",
                     help="train: another cifar-train build to set beside this one; loader: another build of "
-                         "benches/loader")
+                         "benches/loader; python: a folder holding another build of the package (an unpacked "
+                         "wheel), set beside this one")
     ap.add_argument("--images", type=int, default=200000)
     ap.add_argument("--part", choices=["all", "cifar", "folder"], default="all",
                     help="prep: the CIFAR tarball, the image folder, or both")

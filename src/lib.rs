@@ -47,13 +47,19 @@ for epoch in 0..10 {
 */
 #![deny(missing_docs)]
 
-pub use cifar_data::{augment, error, files, image_folder, prep, preview, sampler, source, store};
+pub use cifar_data::{
+    augment, decode, error, files, geometry, image_folder, images, pipeline, prep, preview, sampler, source,
+    store,
+};
 pub mod bridge;
 pub mod dist;
 pub mod interrupt;
 pub mod loader;
 pub mod train;
 
-pub use cifar_data::{Augment, Dataset, Error, ImageFolder, Padding, Result, SizePolicy, Source, TensorFile};
+pub use cifar_data::{
+    Augment, Dataset, EncodedFile, EncodedImages, Error, FolderImages, ImageFolder, ImageSource,
+    ImageTransform, Padding, Result, SizePolicy, Source, TensorFile,
+};
 pub use interrupt::Interrupt;
 pub use loader::{Batch, Epoch, Loader, LoaderBuilder, default_prefetch};

@@ -11,7 +11,8 @@ mod slots;
 
 use std::sync::Arc;
 
-use cifar_data::pipeline::{self, Buffers, Pipeline, Settings};
+use cifar_data::ImageSource;
+use cifar_data::pipeline::{self, Buffers, Dtype, ImageSettings, Pipeline, Settings};
 use tch::{Device, Tensor};
 
 use self::slots::TchBuffers;
@@ -27,7 +28,8 @@ use crate::source::Source;
 /// libtorch allocation for this batch, freed when its last tensor goes; on CUDA they are
 /// device tensors of their own, copied from a pinned staging buffer.
 pub struct Batch {
-    /// `[B, C, H, W]` f32, normalized (and augmented), on the loader's device.
+    /// `[B, C, H, W]` f32, normalized (and augmented), on the loader's device; u8 pixels for an
+    /// image loader whose output says so.
     pub images: Tensor,
     /// `[B]` i64.
     pub labels: Tensor,
@@ -69,9 +71,17 @@ impl std::fmt::Debug for Batch {
 
 /// Settings for a [`Loader`], with PyTorch's `DataLoader` names.
 pub struct LoaderBuilder {
-    source: Arc<dyn Source>,
+    input: Input,
     settings: Settings,
     device: Device,
+}
+
+/// What a loader reads.
+enum Input {
+    /// Fixed-size samples.
+    Dense(Arc<dyn Source>),
+    /// Images of any size, and what to make of each.
+    Images(Arc<dyn ImageSource>, ImageSettings),
 }
 
 impl LoaderBuilder {
@@ -148,16 +158,20 @@ impl LoaderBuilder {
                 self.device
             )));
         }
-        let shard = self.source.len().div_ceil(self.settings.world.max(1));
-        let capacity = self.settings.batch_size.min(shard);
-        let buffers = TchBuffers::new(self.device, capacity, self.source.sample_shape());
-        let mut pipeline = Box::new(Pipeline::new(self.source, &self.settings, buffers)?);
+        // The slots' size is the pipeline's; CPU slots are made by the workers from it.
+        let buffers = TchBuffers::new(self.device, 0, [0; 3], Dtype::F32);
+        let mut pipeline = Box::new(match self.input {
+            Input::Dense(source) => Pipeline::new(source, &self.settings, buffers)?,
+            Input::Images(source, images) => Pipeline::images(source, images, &self.settings, buffers)?,
+        });
+        let (capacity, shape, dtype) = (pipeline.capacity(), pipeline.sample_shape(), pipeline.dtype());
         // CUDA: the pinned pool a steady epoch needs, allocated now rather than inside the
         // first steps (pinning costs milliseconds a buffer): `prefetch` on their way, one being
         // copied, and those whose copies await their synchronisation. (The CPU has no pool:
         // each batch is a fresh allocation its tensors own.)
         let prefetch = pipeline.prefetch();
         let buffers = pipeline.buffers_mut();
+        (buffers.capacity, buffers.shape, buffers.dtype) = (capacity, shape, dtype);
         buffers.max_in_flight = prefetch.max(2);
         if self.device.is_cuda() {
             for _ in 0..prefetch + 1 + buffers.max_in_flight {
@@ -217,7 +231,17 @@ impl Loader {
 
     /// As [`Loader::builder`], for a source shared with other code.
     pub fn builder_arc(source: Arc<dyn Source>) -> LoaderBuilder {
-        LoaderBuilder { source, settings: Settings::default(), device: Device::Cpu }
+        LoaderBuilder { input: Input::Dense(source), settings: Settings::default(), device: Device::Cpu }
+    }
+
+    /// Settings for a loader over images of any size (an encoded tensor file, a folder), each
+    /// decoded straight into the geometry `images` draws for it (`augment` plays no part).
+    pub fn builder_images(source: Arc<dyn ImageSource>, images: ImageSettings) -> LoaderBuilder {
+        LoaderBuilder {
+            input: Input::Images(source, images),
+            settings: Settings::default(),
+            device: Device::Cpu,
+        }
     }
 
     /// The order of batches.
@@ -225,8 +249,8 @@ impl Loader {
         self.pipeline.sampler()
     }
 
-    /// The source.
-    pub fn source(&self) -> &Arc<dyn Source> {
+    /// The source of fixed-size samples (`None` for a loader of images).
+    pub fn source(&self) -> Option<&Arc<dyn Source>> {
         self.pipeline.source()
     }
 
@@ -313,7 +337,7 @@ impl Iterator for Epoch<'_> {
             Device::Cpu => Batch { images, labels, indices, copy_time: Default::default(), sync_time },
             device => {
                 let t = std::time::Instant::now();
-                let images = images.to_device_(device, tch::Kind::Float, true, false);
+                let images = images.to_device_(device, images.kind(), true, false);
                 let labels = labels.to_device_(device, tch::Kind::Int64, true, false);
                 buffers.in_flight.push(filled.buffer);
                 Batch { images, labels, indices, copy_time: t.elapsed(), sync_time }

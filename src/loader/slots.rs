@@ -3,29 +3,43 @@
 //! of page-locked ("pinned") staging buffers, each reused once its asynchronous copy is done.
 use std::time::{Duration, Instant};
 
-use cifar_data::pipeline::{Buffer, Buffers, default_prefetch};
+use cifar_data::pipeline::{Buffer, Buffers, Dtype, default_prefetch};
 use tch::{Device, Kind, Tensor};
 
-/// One batch's host memory: `images [capacity, C, H, W]` f32 and `labels [capacity]` i64.
+/// The tch kind of a batch's images.
+pub(crate) fn kind(dtype: Dtype) -> Kind {
+    match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::U8 => Kind::Uint8,
+    }
+}
+
+/// One batch's host memory: `images [capacity, C, H, W]` (f32 or u8) and `labels [capacity]` i64.
 pub(crate) struct Slot {
     // Private: every tensor sharing this memory is made by `views`, so the contract of
     // `parts_mut` is all that stands between a view and a write.
     images: Tensor,
     labels: Tensor,
     capacity: usize,
+    /// Bytes of one sample.
     sample: usize,
 }
 
 impl Slot {
-    /// A buffer for `capacity` samples of `shape`; pinned for `pin_for` (a CUDA device).
-    /// Not zeroed: only the filled part (all written) is ever read.
+    /// A buffer for `capacity` samples of `shape` of `dtype`; pinned for `pin_for` (a CUDA
+    /// device). Not zeroed: only the filled part (all written) is ever read.
     /// A failed allocation is [`cifar_data::Error::OutOfMemory`].
-    pub fn new(capacity: usize, shape: [usize; 3], pin_for: Option<Device>) -> cifar_data::Result<Self> {
+    pub fn new(
+        capacity: usize,
+        shape: [usize; 3],
+        dtype: Dtype,
+        pin_for: Option<Device>,
+    ) -> cifar_data::Result<Self> {
         let dims = [capacity as i64, shape[0] as i64, shape[1] as i64, shape[2] as i64];
-        let sample: usize = shape.iter().product();
+        let sample: usize = shape.iter().product::<usize>() * dtype.size();
         let failed = |what: &str, bytes: usize| cifar_data::Error::OutOfMemory { bytes, what: what.into() };
-        let bytes = capacity.saturating_mul(sample).saturating_mul(4);
-        let mut images = Tensor::f_empty(dims, (Kind::Float, Device::Cpu))
+        let bytes = capacity.saturating_mul(sample);
+        let mut images = Tensor::f_empty(dims, (kind(dtype), Device::Cpu))
             .map_err(|_| failed("a batch's images", bytes))?;
         let mut labels = Tensor::f_empty([capacity as i64], (Kind::Int64, Device::Cpu))
             .map_err(|_| failed("a batch's labels", capacity * 8))?;
@@ -46,19 +60,20 @@ impl Slot {
 }
 
 impl Buffer for Slot {
-    fn new(capacity: usize, shape: [usize; 3]) -> cifar_data::Result<Self> {
-        Slot::new(capacity, shape, None)
+    fn new(capacity: usize, shape: [usize; 3], dtype: Dtype) -> cifar_data::Result<Self> {
+        Slot::new(capacity, shape, dtype, None)
     }
 
-    unsafe fn parts_mut(&mut self) -> (&mut [f32], &mut [i64]) {
-        // SAFETY: `images` and `labels` are contiguous f32 and i64 CPU tensors of
-        // `capacity * sample` and `capacity` elements that this slot owns and keeps alive, in
-        // two separate allocations; the slot is `&mut`, so exactly one thread writes it, and the
-        // caller guarantees that no other tensor shares their memory meanwhile.
+    unsafe fn parts_mut(&mut self) -> (&mut [u8], &mut [i64]) {
+        // SAFETY: `images` and `labels` are contiguous CPU tensors of `capacity * sample` bytes
+        // (libtorch aligns every allocation far beyond 4 bytes) and `capacity` i64s that this
+        // slot owns and keeps alive, in two separate allocations; the slot is `&mut`, so exactly
+        // one thread writes it, and the caller guarantees that no other tensor shares their
+        // memory meanwhile.
         unsafe {
             (
                 std::slice::from_raw_parts_mut(
-                    self.images.data_ptr() as *mut f32,
+                    self.images.data_ptr() as *mut u8,
                     self.capacity * self.sample,
                 ),
                 std::slice::from_raw_parts_mut(self.labels.data_ptr() as *mut i64, self.capacity),
@@ -75,6 +90,7 @@ pub(crate) struct TchBuffers {
     pub device: Device,
     pub capacity: usize,
     pub shape: [usize; 3],
+    pub dtype: Dtype,
     free: Vec<Slot>,
     /// Slots whose copy was issued but not yet synchronised.
     pub in_flight: Vec<Slot>,
@@ -87,11 +103,12 @@ pub(crate) struct TchBuffers {
 }
 
 impl TchBuffers {
-    pub fn new(device: Device, capacity: usize, shape: [usize; 3]) -> Self {
+    pub fn new(device: Device, capacity: usize, shape: [usize; 3], dtype: Dtype) -> Self {
         TchBuffers {
             device,
             capacity,
             shape,
+            dtype,
             free: Vec::new(),
             in_flight: Vec::new(),
             max_in_flight: 2,
@@ -102,7 +119,7 @@ impl TchBuffers {
 
     /// A new pinned slot for the CUDA pool.
     pub fn new_pinned(&mut self) -> cifar_data::Result<Slot> {
-        let slot = Slot::new(self.capacity, self.shape, Some(self.device))?;
+        let slot = Slot::new(self.capacity, self.shape, self.dtype, Some(self.device))?;
         self.allocated += 1;
         Ok(slot)
     }

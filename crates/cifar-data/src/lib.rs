@@ -22,9 +22,12 @@ this crate stays free of libtorch, so `cifar-prep` (which uses it alone) starts 
 #![deny(missing_docs)]
 
 pub mod augment;
+pub mod decode;
 pub mod error;
 pub mod files;
+pub mod geometry;
 pub mod image_folder;
+pub mod images;
 pub mod pipeline;
 pub mod prep;
 pub mod preview;
@@ -34,6 +37,9 @@ pub mod store;
 
 pub use augment::{Augment, Padding};
 pub use error::{Error, Result};
+pub use geometry::{Geometry, ImageTransform};
 pub use image_folder::{ImageFolder, SizePolicy};
+pub use images::{EncodedImages, FolderImages, ImageSource};
 pub use source::{Dataset, Source};
 pub use store::TensorFile;
+pub use store::encoded::EncodedFile;

@@ -138,6 +138,27 @@ impl Pixels {
     pub fn labels(&self) -> &[i64] {
         &self.labels
     }
+
+    /// Sample `index`'s pixels (`C*H*W` bytes, planar): a u8 file's own, an f32 file's values
+    /// turned back into the pixels they were normalized from (a value that is no pixel is an
+    /// error naming the file).
+    pub fn read_pixels(&self, index: usize, out: &mut [u8]) -> Result<()> {
+        if self.file.dtype() == StoreDtype::U8 {
+            return self.file.read_image(index, out);
+        }
+        let mut stored = vec![0f32; out.len()];
+        self.file.read_image(index, bytemuck::cast_slice_mut(&mut stored))?;
+        let side = out.len() / 3;
+        for (k, (o, &v)) in out.iter_mut().zip(&stored).enumerate() {
+            *o = self.stored.pixel(k / side, v).ok_or_else(|| {
+                crate::Error::format(
+                    self.file.path(),
+                    format!("sample {index} holds {v}, which is no 8-bit pixel normalized by the file's mean and std"),
+                )
+            })?;
+        }
+        Ok(())
+    }
 }
 
 thread_local! {

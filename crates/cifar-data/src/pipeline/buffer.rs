@@ -5,23 +5,44 @@
 //! pool for CUDA); the Python front's are plain allocations lent out through DLPack and
 //! returned to its pool by the capsule's deleter.
 
-/// One batch's memory: `capacity` samples of `C*H*W` f32 values and `capacity` i64 labels.
+/// The element type of a batch's images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    /// `float32` (normalized).
+    F32,
+    /// `uint8` (pixels, as `ToImage()` gives them).
+    U8,
+}
+
+impl Dtype {
+    /// Bytes an element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::U8 => 1,
+        }
+    }
+}
+
+/// One batch's memory: `capacity` samples of `C*H*W` values of a [`Dtype`] and `capacity` i64
+/// labels.
 pub trait Buffer: Send + 'static {
-    /// A buffer for `capacity` samples of `shape` (`[C, H, W]`), made on a worker thread when
-    /// the front has none to give. Need not be zeroed: only the filled part is ever read. An
-    /// allocation that fails is [`crate::Error::OutOfMemory`], which fails the batch.
-    fn new(capacity: usize, shape: [usize; 3]) -> crate::Result<Self>
+    /// A buffer for `capacity` samples of `shape` (`[C, H, W]`) of `dtype`, made on a worker
+    /// thread when the front has none to give. Need not be zeroed: only the filled part is ever
+    /// read. An allocation that fails is [`crate::Error::OutOfMemory`], which fails the batch.
+    fn new(capacity: usize, shape: [usize; 3], dtype: Dtype) -> crate::Result<Self>
     where
         Self: Sized;
 
-    /// The sample and label memory, for the worker that fills this buffer.
+    /// The sample and label memory, for the worker that fills this buffer: the images' bytes
+    /// (4-byte aligned, `capacity * C*H*W` values of the dtype it was made for) and the labels.
     ///
     /// # Safety
     /// While the slices live, nothing else may read or write this buffer's memory: every view a
     /// front made of it (a tensor, an array) must be gone or never have been made, and no copy
     /// from it may still be in flight. The fronts uphold this by lending a buffer to a worker
     /// only when it is fresh or has come back from every user of it.
-    unsafe fn parts_mut(&mut self) -> (&mut [f32], &mut [i64]);
+    unsafe fn parts_mut(&mut self) -> (&mut [u8], &mut [i64]);
 }
 
 /// Where a front's buffers come from and go back to, on the consumer's thread.
@@ -75,22 +96,33 @@ pub struct Filled<B> {
 /// A buffer made of two plain allocations, for fronts that lend memory out themselves (the
 /// Python front hands it out through DLPack).
 pub struct HeapBuffer {
-    /// `capacity * C*H*W` values.
+    /// The images' memory, `f32`s so that it is aligned for them; a `uint8` batch uses the
+    /// first quarter-as-many-elements' bytes.
     pub images: Vec<f32>,
     /// `capacity` labels.
     pub labels: Vec<i64>,
+    /// The images' bytes.
+    pub bytes: usize,
+}
+
+impl HeapBuffer {
+    /// The images' memory, as bytes.
+    pub fn image_bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice(&self.images)[..self.bytes]
+    }
 }
 
 impl Buffer for HeapBuffer {
-    fn new(capacity: usize, shape: [usize; 3]) -> crate::Result<Self> {
-        let values = shape.iter().fold(capacity, |n, &d| n.saturating_mul(d));
+    fn new(capacity: usize, shape: [usize; 3], dtype: Dtype) -> crate::Result<Self> {
+        let bytes = shape.iter().fold(capacity, |n, &d| n.saturating_mul(d)).saturating_mul(dtype.size());
         Ok(HeapBuffer {
-            images: crate::error::try_zeroed(values, "a batch's images")?,
+            images: crate::error::try_zeroed(bytes.div_ceil(4), "a batch's images")?,
             labels: crate::error::try_zeroed(capacity, "a batch's labels")?,
+            bytes,
         })
     }
 
-    unsafe fn parts_mut(&mut self) -> (&mut [f32], &mut [i64]) {
-        (&mut self.images, &mut self.labels)
+    unsafe fn parts_mut(&mut self) -> (&mut [u8], &mut [i64]) {
+        (&mut bytemuck::cast_slice_mut(&mut self.images)[..self.bytes], &mut self.labels)
     }
 }

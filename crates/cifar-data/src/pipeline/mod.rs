@@ -29,13 +29,53 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-pub use self::buffer::{Buffer, Buffers, Filled, HeapBuffer, default_prefetch};
-use self::worker::{Done, Job, Partial, Recipe};
+pub use self::buffer::{Buffer, Buffers, Dtype, Filled, HeapBuffer, default_prefetch};
+use self::worker::{Done, Job, Partial, Recipe, Samples};
 use crate::augment::Augment;
 use crate::error::{Error, Result};
+use crate::geometry::ImageTransform;
+use crate::images::ImageSource;
+use crate::prep::Normalize;
 use crate::sampler::Sampler;
 pub use crate::sampler::Shards;
 use crate::source::Source;
+
+/// What an image pipeline makes of each image: its geometry, the batch's element type, and how
+/// images are decoded.
+#[derive(Debug, Clone)]
+pub struct ImageSettings {
+    /// The resize, crop and flip, drawn for each sample from its image's size.
+    pub transform: ImageTransform,
+    /// `uint8` pixels, or `float32` normalized.
+    pub output: Output,
+    /// The decoder's limits and shortcuts.
+    pub decode: crate::decode::Options,
+}
+
+/// The values a batch holds.
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// `uint8` pixels (`ToImage()`, `PILToTensor()`): a quarter of the bytes, to normalize on
+    /// the device.
+    U8,
+    /// `float32`, `ToTensor()` then `Normalize(mean, std)` (mean 0 and std 1 for `ToTensor()`
+    /// alone). Boxed: the table is 3 KiB.
+    F32(Box<Normalize>),
+}
+
+impl Output {
+    /// `ToTensor()` then `Normalize(mean, std)`.
+    pub fn normalized(mean: [f32; 3], std: [f32; 3]) -> Self {
+        Output::F32(Box::new(Normalize::new(mean, std)))
+    }
+
+    fn dtype(&self) -> Dtype {
+        match self {
+            Output::U8 => Dtype::U8,
+            Output::F32(_) => Dtype::F32,
+        }
+    }
+}
 
 /// A pipeline's settings, with PyTorch's `DataLoader` names.
 #[derive(Debug, Clone)]
@@ -108,7 +148,46 @@ pub struct Pipeline<P: Buffers> {
 impl<P: Buffers> Pipeline<P> {
     /// Checks `settings` against `source` and starts the workers.
     pub fn new(source: Arc<dyn Source>, settings: &Settings, buffers: P) -> Result<Self> {
+        let shape = source.sample_shape();
+        let samples = Samples::Dense { source, augment: settings.augment };
+        Self::start(samples, shape, Dtype::F32, settings, buffers)
+    }
+
+    /// A pipeline over images of any size: each sample's geometry drawn from `(seed, epoch,
+    /// index)` and its image's size, and decoded straight into it, as `images` says
+    /// (`settings.augment` plays no part). The transform must give every image one size.
+    pub fn images(
+        source: Arc<dyn ImageSource>,
+        images: ImageSettings,
+        settings: &Settings,
+        buffers: P,
+    ) -> Result<Self> {
+        let Some((h, w)) = images.transform.output_size() else {
+            return Err(Error::Config(
+                "the transform leaves each image at a size of its own, which no batch can hold: end it with \
+                 a crop or a resize to one size (RandomResizedCrop, CenterCrop, Resize((h, w)))"
+                    .into(),
+            ));
+        };
+        if h == 0 || w == 0 {
+            return Err(Error::Config(format!(
+                "the transform's output is {w}x{h}: both sides must be positive"
+            )));
+        }
+        let dtype = images.output.dtype();
+        let samples = Samples::Images { source, settings: Arc::new(images) };
+        Self::start(samples, [3, h as usize, w as usize], dtype, settings, buffers)
+    }
+
+    fn start(
+        samples: Samples,
+        shape: [usize; 3],
+        dtype: Dtype,
+        settings: &Settings,
+        buffers: P,
+    ) -> Result<Self> {
         let s = settings;
+        let len = samples.len();
         if s.batch_size == 0 {
             return Err(Error::Config("batch_size must be at least 1".into()));
         }
@@ -118,17 +197,16 @@ impl<P: Buffers> Pipeline<P> {
         if s.world == 0 || s.rank >= s.world {
             return Err(Error::Config(format!("shard rank {} is not below world size {}", s.rank, s.world)));
         }
-        if source.is_empty() {
+        if len == 0 {
             return Err(Error::Config("the dataset is empty".into()));
         }
-        if let Some(bad) = s.order.as_deref().and_then(|o| o.iter().find(|&&i| i >= source.len())) {
+        if let Some(bad) = s.order.as_deref().and_then(|o| o.iter().find(|&&i| i >= len)) {
             return Err(Error::Config(format!(
-                "the sampler gave index {bad}, past the dataset's {} samples",
-                source.len()
+                "the sampler gave index {bad}, past the dataset's {len} samples"
             )));
         }
         let sampler = Sampler {
-            len: source.len(),
+            len,
             batch_size: s.batch_size,
             shuffle: s.shuffle,
             seed: s.seed,
@@ -148,13 +226,12 @@ impl<P: Buffers> Pipeline<P> {
         // A batch never holds more than a shard's samples, however large `batch_size` is, and
         // no more batches are made ahead than an epoch has.
         let capacity = s.batch_size.min(sampler.samples_per_epoch()).max(1);
-        let shape = source.sample_shape();
-        let batch_bytes = capacity * shape.iter().product::<usize>() * 4;
+        let batch_bytes = capacity * shape.iter().product::<usize>() * dtype.size();
         let prefetch = s
             .prefetch
             .unwrap_or_else(|| buffers.default_prefetch(capacity, batch_bytes))
             .min(sampler.batches_per_epoch().max(1));
-        let recipe = Recipe { shape, source, augment: s.augment, seed: s.seed, capacity };
+        let recipe = Recipe { samples, shape, dtype, seed: s.seed, capacity };
         let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job<P::Buffer>>();
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done<P::Buffer>>();
         let mut workers = Vec::with_capacity(s.num_workers);
@@ -184,14 +261,22 @@ impl<P: Buffers> Pipeline<P> {
         &self.sampler
     }
 
-    /// The source.
-    pub fn source(&self) -> &Arc<dyn Source> {
-        &self.recipe.source
+    /// The source of fixed-size samples (`None` for an image pipeline).
+    pub fn source(&self) -> Option<&Arc<dyn Source>> {
+        match &self.recipe.samples {
+            Samples::Dense { source, .. } => Some(source),
+            Samples::Images { .. } => None,
+        }
     }
 
-    /// The shape of one sample, `[C, H, W]`.
+    /// The shape of one sample of a batch, `[C, H, W]`.
     pub fn sample_shape(&self) -> [usize; 3] {
         self.recipe.shape
+    }
+
+    /// The element type of a batch's images.
+    pub fn dtype(&self) -> Dtype {
+        self.recipe.dtype
     }
 
     /// Samples a buffer holds: the batch size, or a shard's samples where those are fewer.

@@ -9,9 +9,12 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::buffer::Buffer;
+use super::buffer::{Buffer, Dtype};
+use super::{ImageSettings, Output};
 use crate::augment::Augment;
+use crate::decode::Out;
 use crate::error::{Error, Result};
+use crate::images::ImageSource;
 use crate::source::Source;
 
 /// A batch to make: its place in the epoch, the samples, and where to put them: a buffer from
@@ -38,13 +41,39 @@ pub(crate) struct Partial<B> {
     filled: usize,
 }
 
+/// Where samples come from, and what is done to each.
+#[derive(Clone)]
+pub(crate) enum Samples {
+    /// Fixed-size samples read whole (normalized `f32`), then padded, cropped and flipped.
+    Dense { source: Arc<dyn Source>, augment: Augment },
+    /// Images of any size, each decoded straight into its geometry, drawn from its size.
+    Images { source: Arc<dyn ImageSource>, settings: Arc<ImageSettings> },
+}
+
+impl Samples {
+    pub fn len(&self) -> usize {
+        match self {
+            Samples::Dense { source, .. } => source.len(),
+            Samples::Images { source, .. } => source.len(),
+        }
+    }
+
+    fn check_intact(&self) -> Result<()> {
+        match self {
+            Samples::Dense { source, .. } => source.check_intact(),
+            Samples::Images { source, .. } => source.check_intact(),
+        }
+    }
+}
+
 /// What every worker shares.
 #[derive(Clone)]
 pub(crate) struct Recipe {
-    pub source: Arc<dyn Source>,
-    pub augment: Augment,
+    pub samples: Samples,
     pub seed: u64,
+    /// One output sample's `[C, H, W]`.
     pub shape: [usize; 3],
+    pub dtype: Dtype,
     /// Samples a buffer holds.
     pub capacity: usize,
 }
@@ -64,7 +93,7 @@ impl Recipe {
     /// The job with its buffer: the front's, else a fresh one (a failed allocation fails it).
     pub fn start<B: Buffer>(&self, mut job: Job<B>) -> std::result::Result<Partial<B>, Done<B>> {
         if job.buffer.is_none() {
-            match B::new(self.capacity, self.shape) {
+            match B::new(self.capacity, self.shape, self.dtype) {
                 Ok(b) => job.buffer = Some(b),
                 Err(e) => {
                     let index = job.indices.first().copied().unwrap_or(0);
@@ -86,7 +115,6 @@ impl Recipe {
         scratch: &mut Vec<f32>,
     ) -> Option<Error> {
         let size: usize = self.shape.iter().product();
-        scratch.resize(size, 0.0);
         let Partial { job, filled } = partial;
         let buffer = job.buffer.as_mut().expect("a started job has its buffer");
         // SAFETY: a buffer reaches a job only fresh or back from every user of it (the fronts'
@@ -95,14 +123,8 @@ impl Recipe {
         let result = catch_unwind(AssertUnwindSafe(|| -> Result<()> {
             while *filled < job.indices.len() {
                 let (k, i) = (*filled, job.indices[*filled]);
-                let out = &mut images[k * size..(k + 1) * size];
-                labels[k] = if self.augment.is_identity() {
-                    self.source.read_into(i, out)?
-                } else {
-                    let label = self.source.read_into(i, scratch)?;
-                    self.augment.apply(self.seed, job.epoch, i, self.shape, scratch, out);
-                    label
-                };
+                labels[k] =
+                    self.sample(job.epoch, i, &mut images[k * size * self.dtype.size()..], scratch)?;
                 *filled += 1;
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     break;
@@ -111,7 +133,7 @@ impl Recipe {
             if *filled == job.indices.len() {
                 // What was read is checked once for the batch: a file cut meanwhile may have
                 // served zeros where no read could tell.
-                self.source.check_intact()?;
+                self.samples.check_intact()?;
             }
             Ok(())
         }));
@@ -130,6 +152,45 @@ impl Recipe {
         // Over: nothing more is filled into this job.
         *filled = job.indices.len();
         Some(Error::Worker { index, cause: Box::new(cause) })
+    }
+
+    /// Writes sample `index` of epoch `epoch` at the start of `out` (the bytes from its place
+    /// in the batch on) and returns its label.
+    fn sample(&self, epoch: u64, index: usize, out: &mut [u8], scratch: &mut Vec<f32>) -> Result<i64> {
+        let size: usize = self.shape.iter().product();
+        match &self.samples {
+            Samples::Dense { source, augment } => {
+                let out = &mut bytemuck::cast_slice_mut::<u8, f32>(&mut out[..4 * size])[..];
+                if augment.is_identity() {
+                    source.read_into(index, out)
+                } else {
+                    scratch.resize(size, 0.0);
+                    let label = source.read_into(index, scratch)?;
+                    augment.apply(self.seed, epoch, index, self.shape, scratch, out);
+                    Ok(label)
+                }
+            }
+            Samples::Images { source, settings } => {
+                let image = source.image(index)?;
+                let geometry = settings.transform.draw(self.seed, epoch, index, image.size)?;
+                let want = (self.shape[1] as u32, self.shape[2] as u32);
+                if geometry.output() != want {
+                    return Err(Error::Shape(format!(
+                        "the transform made a {}x{} sample where the batch holds {}x{}",
+                        geometry.output().1,
+                        geometry.output().0,
+                        want.1,
+                        want.0
+                    )));
+                }
+                let out = match &settings.output {
+                    Output::U8 => Out::U8(&mut out[..size]),
+                    Output::F32(norm) => Out::F32(bytemuck::cast_slice_mut(&mut out[..4 * size]), norm),
+                };
+                crate::images::render(source.as_ref(), index, &image, &geometry, out, &settings.decode)?;
+                Ok(source.label(index))
+            }
+        }
     }
 
     /// The job's outcome, once [`Recipe::fill_some`] has completed or failed it.

@@ -28,17 +28,10 @@ pub fn dimensions(bytes: &[u8], path: &Path) -> Result<(u32, u32)> {
     if bytes.is_empty() {
         return Err(Error::format(path, "is empty (0 bytes), not an image"));
     }
-    if is_jpeg(bytes) {
-        let header = std::panic::catch_unwind(|| {
-            mozjpeg::Decompress::with_err(strict_jpeg_errors()).from_mem(bytes).map(|d| d.size())
-        });
-        return match header {
-            Ok(Ok((w, h))) => Ok((w as u32, h as u32)),
-            Ok(Err(e)) => Err(Error::format(path, format!("cannot be decoded as a JPEG: {e}"))),
-            Err(panic) => {
-                Err(Error::format(path, format!("cannot be decoded as a JPEG: {}", message(&panic))))
-            }
-        };
+    if crate::decode::jpeg::is_jpeg(bytes) {
+        return crate::decode::jpeg::header(bytes)
+            .map(|(h, w)| (w, h))
+            .map_err(|e| Error::format(path, format!("cannot be decoded as a JPEG: {e}")));
     }
     image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
@@ -71,29 +64,8 @@ pub(crate) fn decode_checked(
     size: Option<(u32, u32)>,
     path: &Path,
 ) -> Result<(u32, u32, Vec<u8>)> {
-    let mut rgb = match decode_jpeg(bytes) {
-        Some(Ok(rgb)) => rgb,
-        Some(Err(msg)) => return Err(Error::format(path, format!("cannot be decoded as a JPEG: {msg}"))),
-        None => {
-            let mut reader =
-                image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().at(path)?;
-            // The pixel count is checked above; the allocation bound backs it for decoders that
-            // allocate more than the header says.
-            let mut limits = image::Limits::default();
-            limits.max_alloc = Some(decode_cost((w, h), None).max(512 << 20));
-            reader.limits(limits);
-            reader
-                .decode()
-                .map_err(|e| Error::format(path, format!("cannot be decoded as an image: {e}")))?
-                .into_rgb8()
-        }
-    };
-    if rgb.dimensions() != (w, h) {
-        return Err(Error::format(
-            path,
-            format!("declares {w}x{h} in its header but decodes to {}x{}", rgb.width(), rgb.height()),
-        ));
-    }
+    let rgb = decode_rgb(bytes, (w, h), path)?;
+    let mut rgb = image::RgbImage::from_raw(w, h, rgb).expect("decode_rgb gives w*h pixels");
     if let Some((h, w)) = size
         && rgb.dimensions() != (w, h)
     {
@@ -108,6 +80,48 @@ pub(crate) fn decode_checked(
         }
     }
     Ok((h, w, chw))
+}
+
+/// The RGB pixels (rows of `w` pixels, 3 bytes each) of an image whose header declared `(w,
+/// h)`, already checked against the limit: `convert("RGB")`'s, with JPEGs (CMYK ones too)
+/// through libjpeg-turbo as Pillow decodes them and other formats through the `image` crate.
+pub fn decode_rgb(bytes: &[u8], (w, h): (u32, u32), path: &Path) -> Result<Vec<u8>> {
+    if crate::decode::jpeg::is_jpeg(bytes) {
+        let whole = crate::geometry::Rect::whole((h, w));
+        let block = crate::decode::jpeg::decode(bytes, |found| {
+            if found != (h, w) {
+                return Err(format!("declares {w}x{h} in one header and {}x{} in another", found.1, found.0));
+            }
+            Ok(crate::decode::Plan { region: whole, scale: 1 })
+        })
+        .map_err(|msg| Error::format(path, format!("cannot be decoded as a JPEG: {msg}")))?;
+        // The whole image decodes with no margin to trim.
+        debug_assert_eq!((block.width, block.height), (w as usize, h as usize));
+        let rgb = block
+            .pixels
+            .chunks_exact(crate::decode::resample::PIXEL)
+            .flat_map(|p| [p[0], p[1], p[2]])
+            .collect();
+        block.recycle();
+        return Ok(rgb);
+    }
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().at(path)?;
+    // The pixel count is checked above; the allocation bound backs it for decoders that
+    // allocate more than the header says.
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(decode_cost((w, h), None).max(512 << 20));
+    reader.limits(limits);
+    let rgb = reader
+        .decode()
+        .map_err(|e| Error::format(path, format!("cannot be decoded as an image: {e}")))?
+        .into_rgb8();
+    if rgb.dimensions() != (w, h) {
+        return Err(Error::format(
+            path,
+            format!("declares {w}x{h} in its header but decodes to {}x{}", rgb.width(), rgb.height()),
+        ));
+    }
+    Ok(rgb.into_raw())
 }
 
 /// Refuses an image of no pixels, or of more than `max_pixels`.
@@ -127,94 +141,6 @@ pub fn check_pixels((w, h): (u32, u32), max_pixels: u64, path: &Path) -> Result<
         ));
     }
     Ok(())
-}
-
-fn is_jpeg(bytes: &[u8]) -> bool {
-    bytes.starts_with(&[0xFF, 0xD8, 0xFF])
-}
-
-/// A JPEG (by its magic bytes, in a colour space libjpeg turns into RGB) decoded to RGB;
-/// `None` for anything else, left to the `image` crate.
-fn decode_jpeg(bytes: &[u8]) -> Option<std::result::Result<image::RgbImage, String>> {
-    if !is_jpeg(bytes) {
-        return None;
-    }
-    // libjpeg's fatal errors, and its end-of-file warning, unwind (without the panic hook):
-    // caught here.
-    let decoded = std::panic::catch_unwind(|| -> std::io::Result<Option<image::RgbImage>> {
-        let d = mozjpeg::Decompress::with_err(strict_jpeg_errors()).from_mem(bytes)?;
-        if matches!(d.color_space(), mozjpeg::ColorSpace::JCS_CMYK | mozjpeg::ColorSpace::JCS_YCCK) {
-            return Ok(None);
-        }
-        let mut d = d.rgb()?;
-        let (w, h) = (d.width() as u32, d.height() as u32);
-        let px: Vec<u8> = d.read_scanlines()?;
-        d.finish()?;
-        Ok(image::RgbImage::from_raw(w, h, px))
-    });
-    match decoded {
-        Ok(Ok(Some(img))) => Some(Ok(img)),
-        Ok(Ok(None)) => None,
-        Ok(Err(e)) => Some(Err(e.to_string())),
-        Err(panic) => Some(Err(message(&panic))),
-    }
-}
-
-fn message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "corrupt JPEG data".into())
-}
-
-/// libjpeg's standard error manager, except that fatal errors unwind with libjpeg's message (as
-/// mozjpeg's own manager does) and so does the warning that the data ended before the image
-/// did: libjpeg then fills the rest with grey, where Pillow raises "image file is truncated".
-/// Other warnings (extraneous bytes, a corrupt Huffman code) stay silent, as in Pillow.
-fn strict_jpeg_errors() -> mozjpeg_sys::jpeg_error_mgr {
-    // SAFETY: an all-zero `jpeg_error_mgr` (null function pointers, zero counts) is a valid value
-    // of this plain C struct, and `jpeg_std_error` only fills in its fields.
-    let mut err: mozjpeg_sys::jpeg_error_mgr = unsafe { std::mem::zeroed() };
-    // SAFETY: `err` is a live, exclusively borrowed error manager.
-    unsafe { mozjpeg_sys::jpeg_std_error(&mut err) };
-    err.error_exit = Some(unwind_on_error);
-    err.emit_message = Some(unwind_on_truncation);
-    err
-}
-
-/// libjpeg's message for the error or warning in `cinfo`.
-fn jpeg_message(cinfo: &mut mozjpeg_sys::jpeg_common_struct) -> String {
-    // SAFETY: libjpeg calls the error manager's hooks only with `err` pointing at the live
-    // manager it was created with.
-    let format = unsafe { (*cinfo.err).format_message };
-    let Some(format) = format else { return "corrupt JPEG data".into() };
-    // The binding declares the buffer shared though libjpeg writes into it (mozjpeg casts it
-    // so too): called through the signature libjpeg really has.
-    type Format = unsafe extern "C-unwind" fn(&mut mozjpeg_sys::jpeg_common_struct, &mut [u8; 80]);
-    // SAFETY: the two signatures differ only in the buffer's mutability, not in its ABI.
-    let format: Format = unsafe { std::mem::transmute(format) };
-    let mut buffer = [0u8; 80];
-    // SAFETY: `format_message` writes a NUL-terminated message of at most 80 bytes
-    // (JMSG_LENGTH_MAX) into the buffer it is given, reading only `cinfo`.
-    unsafe { format(cinfo, &mut buffer) };
-    let text = buffer.split(|&c| c == 0).next().unwrap_or_default();
-    String::from_utf8_lossy(text).into_owned()
-}
-
-extern "C-unwind" fn unwind_on_error(cinfo: &mut mozjpeg_sys::jpeg_common_struct) {
-    std::panic::resume_unwind(Box::new(jpeg_message(cinfo)));
-}
-
-extern "C-unwind" fn unwind_on_truncation(
-    cinfo: &mut mozjpeg_sys::jpeg_common_struct,
-    level: std::ffi::c_int,
-) {
-    // SAFETY: as in `jpeg_message`.
-    let code = unsafe { (*cinfo.err).msg_code };
-    if level < 0 && code == mozjpeg_sys::JWRN_JPEG_EOF as std::ffi::c_int {
-        std::panic::resume_unwind(Box::new(format!("image file is truncated ({})", jpeg_message(cinfo))));
-    }
 }
 
 /// Bytes of memory shared by the decoders of one conversion: each takes what its image may

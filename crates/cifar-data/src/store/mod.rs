@@ -1,5 +1,6 @@
 //! The tensor file, opened: its header checked against the file's length, then memory-mapped
 //! read-only, so samples are read straight from the page cache and never copied onto the heap.
+pub mod encoded;
 mod sigbus;
 use std::collections::HashMap;
 use std::io::Read;
@@ -18,6 +19,62 @@ use crate::prep::MAX_CLASSES;
 
 /// The largest header read (safetensors' own limit).
 const MAX_HEADER: u64 = 100_000_000;
+
+/// A safetensors file's header, read and checked against the file's length: what every kind of
+/// tensor file this crate reads starts from.
+pub(crate) struct Header {
+    pub file: std::fs::File,
+    pub file_len: u64,
+    pub header: Metadata,
+    /// Where the tensors' bytes start.
+    pub data_start: usize,
+}
+
+impl Header {
+    /// Opens `path` (a regular file) and reads its header.
+    pub fn read(path: &Path) -> Result<Header> {
+        let bad = |msg: String| Error::format(path, msg);
+        let mut file = crate::files::open_regular(path)?;
+        let file_len = file.metadata().at(path)?.len();
+        let mut n = [0u8; 8];
+        if file_len < 8 {
+            return Err(bad(format!("{file_len} bytes is too short for a safetensors file")));
+        }
+        file.read_exact(&mut n).at(path)?;
+        let n = u64::from_le_bytes(n);
+        if n > MAX_HEADER {
+            return Err(bad(format!(
+                "declares a header of {n} bytes, more than the {MAX_HEADER} this reader takes \
+                 (safetensors' own limit)"
+            )));
+        }
+        if 8 + n > file_len {
+            return Err(bad(format!(
+                "header length {n} does not fit in the file's {file_len} bytes (truncated?)"
+            )));
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact(&mut header).at(path)?;
+        let header: Metadata =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("corrupt safetensors header: {e}")))?;
+        let data_start = 8 + n as usize;
+        let data_len = header.data_len() as u64;
+        if 8 + n + data_len != file_len {
+            return Err(bad(format!(
+                "the header describes {} bytes but the file holds {file_len} (truncated or corrupt)",
+                8 + n + data_len
+            )));
+        }
+        Ok(Header { file, file_len, header, data_start })
+    }
+}
+
+/// Whether the tensor file at `path` holds images kept encoded (an [`encoded::EncodedFile`])
+/// rather than dense pixels (a [`TensorFile`]): its header says.
+pub fn is_encoded(path: &Path) -> Result<bool> {
+    let h = Header::read(path)?;
+    Ok(h.header.metadata().as_ref().and_then(|m| m.get("layout")).map(String::as_str) == Some("encoded"))
+}
 
 /// A prepared split (`cifar10-train.safetensors`, ...), mapped and validated.
 ///
@@ -84,36 +141,14 @@ impl TensorFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let bad = |msg: String| Error::format(path, msg);
-        let mut file = crate::files::open_regular(path)?;
-        let file_len = file.metadata().at(path)?.len();
-        let mut n = [0u8; 8];
-        if file_len < 8 {
-            return Err(bad(format!("{file_len} bytes is too short for a safetensors file")));
-        }
-        file.read_exact(&mut n).at(path)?;
-        let n = u64::from_le_bytes(n);
-        if n > MAX_HEADER {
-            return Err(bad(format!(
-                "declares a header of {n} bytes, more than the {MAX_HEADER} this reader takes \
-                 (safetensors' own limit)"
-            )));
-        }
-        if 8 + n > file_len {
-            return Err(bad(format!(
-                "header length {n} does not fit in the file's {file_len} bytes (truncated?)"
-            )));
-        }
-        let mut header = vec![0u8; n as usize];
-        file.read_exact(&mut header).at(path)?;
-        let header: Metadata =
-            serde_json::from_slice(&header).map_err(|e| bad(format!("corrupt safetensors header: {e}")))?;
-        let data_start = 8 + n as usize;
-        let data_len = header.data_len() as u64;
-        if 8 + n + data_len != file_len {
-            return Err(bad(format!(
-                "the header describes {} bytes but the file holds {file_len} (truncated or corrupt)",
-                8 + n + data_len
-            )));
+        let Header { file, file_len, header, data_start } = Header::read(path)?;
+        if header.metadata().as_ref().and_then(|m| m.get("layout")).map(String::as_str) == Some("encoded") {
+            return Err(bad(
+                "holds images of every size, kept encoded: open it with EncodedFile (in Python, \
+                            TensorFile with a transform that gives every image one size, such as \
+                            RandomResizedCrop or Resize + CenterCrop)"
+                    .into(),
+            ));
         }
         let images = header.info("images").ok_or_else(|| bad("no 'images' tensor".into()))?;
         let dtype = match images.dtype {

@@ -118,7 +118,7 @@ fn size_resizes_and_other_sizes_are_refused_naming_the_first() {
     bytes.resize(bytes.len() + (32 << 20), 0);
     std::fs::write(&slow, bytes).unwrap();
     let out = dir.join("out");
-    let o = prep(&[&root, &"--out", &out]);
+    let o = prep(&[&root, &"--out", &out, &"--store", &"dense"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let msg = text(&o);
     assert!(msg.contains("b/2.png") && msg.contains("24x24") && msg.contains("--size"), "{msg}");
@@ -139,11 +139,30 @@ fn size_resizes_and_other_sizes_are_refused_naming_the_first() {
         tar.append_path_with_name(root.join(member), format!("sizes/{member}")).unwrap();
     }
     tar.into_inner().unwrap().finish().unwrap();
-    let o = prep(&[&archive, &"--out", &out]);
+    let o = prep(&[&archive, &"--out", &out, &"--store", &"dense"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let msg = text(&o);
     assert!(msg.contains("train/b/2.png: is 24x24, but") && msg.contains("test/a/1.png is 40x30"), "{msg}");
     assert!(!msg.contains("3.png"), "names the first odd image only: {msg}");
+
+    // By default, images of several sizes are kept encoded, each with its own size.
+    for input in [&root, &archive] {
+        let o = prep(&[input, &"--out", &out]);
+        assert!(o.status.success(), "{}", text(&o));
+        let f = cifar_fast::EncodedFile::open(out.join("sizes-train.safetensors")).unwrap();
+        let sizes: Vec<(u32, u32)> = (0..f.len()).map(|i| f.size(i)).collect();
+        assert_eq!(sizes, [(30, 40), (30, 40), (30, 40), (24, 24), (12, 12)]);
+        assert_eq!(f.labels(), [0, 0, 1, 1, 1]);
+        // The PNGs, stored as the lossless PNG of their RGB: the same pixels.
+        for (i, member) in ["a/1.png", "a/2.png", "b/1.png", "b/2.png", "b/3.png"].iter().enumerate() {
+            let (h, w) = f.size(i);
+            let decode = |bytes: &[u8]| {
+                cifar_fast::prep::image::decode_rgb(bytes, (w, h), std::path::Path::new(member))
+            };
+            let original = std::fs::read(root.join("train").join(member)).unwrap();
+            assert_eq!(decode(f.image(i)).unwrap(), decode(&original).unwrap(), "{member}");
+        }
+    }
 
     let o = prep(&[&root, &"--out", &out, &"--size", &"20,36"]);
     assert!(o.status.success(), "{}", text(&o));

@@ -44,7 +44,7 @@ pub fn prepare_root(
 /// into tensor files in `out`, returning `{split: path}`.
 #[pyfunction]
 #[pyo3(signature = (input, out, dtype="f32", norm=None, dataset_stats=false, size=None, name=None, force=false,
-                    max_image_pixels=cifar_data::prep::image::MAX_IMAGE_PIXELS))]
+                    max_image_pixels=cifar_data::prep::image::MAX_IMAGE_PIXELS, store=None, max_side=None, quality=90))]
 #[allow(clippy::too_many_arguments)] // one per Python keyword
 pub fn prepare(
     py: Python<'_>,
@@ -57,8 +57,20 @@ pub fn prepare(
     name: Option<String>,
     force: bool,
     max_image_pixels: u64,
+    store: Option<&str>,
+    max_side: Option<u32>,
+    quality: u8,
 ) -> PyResult<Vec<(String, PathBuf)>> {
-    use cifar_data::prep::{Norm as PrepNorm, PrepOptions, StoreDtype};
+    use cifar_data::prep::{Norm as PrepNorm, PrepOptions, Store, StoreDtype};
+    let store = match store {
+        None => Store::Auto,
+        Some("dense") => Store::Dense,
+        Some("encoded") => Store::Encoded,
+        Some(other) => return Err(PyValueError::new_err(format!("store {other:?}: 'dense' or 'encoded'"))),
+    };
+    if max_side == Some(0) || !(1..=100).contains(&quality) {
+        return Err(PyValueError::new_err("max_side must be at least 1, and quality 1 to 100"));
+    }
     let dtype = match dtype {
         "f32" | "float32" => StoreDtype::F32,
         "u8" | "uint8" => StoreDtype::U8,
@@ -78,7 +90,17 @@ pub fn prepare(
     if max_image_pixels == 0 {
         return Err(PyValueError::new_err("max_image_pixels must be at least 1"));
     }
-    let opts = PrepOptions { dtype, norm, force, size: size.map(|(w, h)| (h, w)), name, max_image_pixels };
+    let opts = PrepOptions {
+        dtype,
+        norm,
+        force,
+        size: size.map(|(w, h)| (h, w)),
+        name,
+        max_image_pixels,
+        store,
+        max_side,
+        quality,
+    };
     let summary = py
         .detach(|| cifar_data::prep::prepare(&input, &out, &opts, &indicatif::ProgressBar::new(0)))
         .map_err(to_py)?;

@@ -43,6 +43,20 @@ struct Args {
     /// Image folders: name the files NAME-<split>.safetensors (default: the folder's name).
     #[arg(long)]
     name: Option<String>,
+    /// Image folders: `dense` decodes every image into one tensor (one size for all: the first
+    /// image's, or --size); `encoded` keeps every image's bytes (JPEGs as they are, others as
+    /// lossless PNG), to decode and crop at load time. By default dense where every image has
+    /// one size, encoded otherwise.
+    #[arg(long, value_enum)]
+    store: Option<StoreArg>,
+    /// Encoded files: shrink images whose longer side is over N pixels to N (re-encoded as JPEG
+    /// at --quality; said so). By default every image is kept as it is.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65535))]
+    max_side: Option<u32>,
+    /// The JPEG quality of the images --max-side re-encodes.
+    #[arg(long, value_name = "Q", default_value_t = 90, value_parser = clap::value_parser!(u8).range(1..=100),
+          requires = "max_side")]
+    quality: u8,
     /// Image folders: refuse an image that declares more pixels than this (a decompression
     /// bomb). The default is Pillow's MAX_IMAGE_PIXELS.
     #[arg(long, value_name = "N", default_value_t = prep::image::MAX_IMAGE_PIXELS,
@@ -76,6 +90,12 @@ struct Args {
 enum DtypeArg {
     F32,
     U8,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum StoreArg {
+    Dense,
+    Encoded,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -256,7 +276,19 @@ fn run(args: Args) -> anyhow::Result<()> {
         size: args.size,
         name: args.name.clone(),
         max_image_pixels: args.max_image_pixels,
+        store: match args.store {
+            None => prep::Store::Auto,
+            Some(StoreArg::Dense) => prep::Store::Dense,
+            Some(StoreArg::Encoded) => prep::Store::Encoded,
+        },
+        max_side: args.max_side,
+        quality: args.quality,
     };
+    if args.max_side.is_some() && matches!(args.store, Some(StoreArg::Dense)) {
+        bail!(
+            "--max-side shrinks the images an encoded file keeps: it does not go with --store dense (use --size)"
+        );
+    }
     let pb = common::progress_bar(0, "convert");
     let summary = prep::prepare(&input, &args.out, &opts, &pb)?;
     pb.finish_and_clear();
@@ -307,6 +339,9 @@ fn run(args: Args) -> anyhow::Result<()> {
 
 /// `--preview`: a row per class of the split in `path`, its first 10 images, ×3.
 fn preview(path: &Path, png: &Path) -> anyhow::Result<()> {
+    if cifar_data::store::is_encoded(path)? {
+        bail!("--preview draws dense files; {} keeps its images encoded", path.display());
+    }
     let file = cifar_data::TensorFile::open(path)?;
     cifar_data::preview::save_png(&cifar_data::preview::class_grid(&file, 10, 3), png)?;
     say!("preview: {}", png.display());

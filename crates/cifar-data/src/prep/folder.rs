@@ -180,28 +180,70 @@ fn fingerprint_files(listing: &Listing) -> Result<String> {
 }
 
 fn options_tag(opts: &PrepOptions, name: &str) -> String {
-    format!("{}:{:?}:size={:?}:name={name}", opts.dtype.name(), opts.norm, opts.size)
+    format!(
+        "{}:{:?}:size={:?}:name={name}:store={:?}:max_side={:?}:quality={}",
+        opts.dtype.name(),
+        opts.norm,
+        opts.size,
+        opts.store,
+        opts.max_side,
+        opts.quality
+    )
+}
+
+/// A prepared split of either kind (dense or encoded), as [`up_to_date`] compares it.
+struct Prepared {
+    metadata: HashMap<String, String>,
+    labels: Vec<i64>,
+    classes: Vec<String>,
+}
+
+impl Prepared {
+    fn open(path: &Path) -> Option<Prepared> {
+        if crate::store::is_encoded(path).ok()? {
+            let f = crate::store::encoded::EncodedFile::open(path).ok()?;
+            Some(Prepared {
+                metadata: f.metadata().clone(),
+                labels: f.labels().to_vec(),
+                classes: f.classes().to_vec(),
+            })
+        } else {
+            let f = TensorFile::open(path).ok()?;
+            Some(Prepared {
+                metadata: f.metadata().clone(),
+                labels: f.labels().to_vec(),
+                classes: f.classes().to_vec(),
+            })
+        }
+    }
+
+    fn made_from(&self, print: &str, tag: &str) -> bool {
+        let m = &self.metadata;
+        m.get("source_fingerprint").map(String::as_str) == Some(print)
+            && m.get("prep_options").map(String::as_str) == Some(tag)
+    }
 }
 
 /// Output in `out_dir` made from this input (fingerprint `print`) with these options.
 fn up_to_date(input: &Path, name: &str, print: &str, tag: &str, out_dir: &Path) -> Option<PrepSummary> {
-    let matches = |f: &TensorFile| super::made_from(f, print, tag);
     let first = std::fs::read_dir(out_dir).ok()?.filter_map(|e| e.ok()).find_map(|e| {
         let file_name = e.file_name().to_string_lossy().into_owned();
         let split = file_name.strip_prefix(&format!("{name}-"))?.strip_suffix(".safetensors")?.to_string();
-        let f = TensorFile::open(e.path()).ok()?;
-        (matches(&f) && f.metadata().get("split") == Some(&split)).then_some(f)
+        let f = Prepared::open(&e.path())?;
+        (f.made_from(print, tag) && f.metadata.get("split") == Some(&split)).then_some(f)
     })?;
-    let splits: Vec<String> = serde_json::from_str(first.metadata().get("splits")?).ok()?;
-    let classes = first.classes().to_vec();
+    let splits: Vec<String> = serde_json::from_str(first.metadata.get("splits")?).ok()?;
+    let classes = first.classes.clone();
     let mut out = Vec::new();
     for split in splits {
         let path = output_path(out_dir, name, &split);
-        let f = TensorFile::open(&path).ok()?;
-        if !matches(&f) || !super::same_conversion([&first, &f]) {
+        let f = Prepared::open(&path)?;
+        if !f.made_from(print, tag) || f.metadata.get("conversion") != first.metadata.get("conversion") {
             return None;
         }
-        out.push(SplitSummary::of_file(&split, path, &f, classes.len())?);
+        let per_class = super::per_class(&f.labels, classes.len())?;
+        let bytes = std::fs::metadata(&path).ok()?.len();
+        out.push(SplitSummary { split, path, images: f.labels.len(), per_class, bytes });
     }
     out.sort_by_key(|s| (s.split != "train", s.split.clone()));
     let source = super::tarball::SourceInfo::named(input);
@@ -218,16 +260,18 @@ fn up_to_date(input: &Path, name: &str, print: &str, tag: &str, out_dir: &Path) 
 
 /// Where one image's pixels go: `(split number, index in the split)`. An archive's member
 /// that several names share (hard links) goes to each of their places.
-type Target = (usize, usize);
+pub(crate) type Target = (usize, usize);
 
 /// One image to decode: its path for messages, its bytes (read by the decoder for a directory),
 /// and its places.
-type Job = (PathBuf, Option<Vec<u8>>, Vec<Target>);
+pub(crate) type Job = (PathBuf, Option<Vec<u8>>, Vec<Target>);
 
 /// Converts an image folder (directory or archive) into `out_dir/<name>-<split>.safetensors`,
-/// streaming: every image is decoded and written at its place in its split's file, so memory
-/// stays bounded (by [`MemoryBudget`]) whatever the folder's size. On error nothing is left in
-/// `out_dir` and earlier output there is untouched.
+/// streaming, so memory stays bounded (by [`MemoryBudget`]) whatever the folder's size: as
+/// dense tensors where every image has one size (or `--size` gives one), every image decoded
+/// and written at its place in its split's file; as encoded files ([`super::encoded`]) where
+/// images differ in size, or `--store encoded` or `--max-side` asks. On error nothing is left
+/// in `out_dir` and earlier output there is untouched.
 pub fn prepare(
     input: &Path,
     out_dir: &Path,
@@ -258,123 +302,282 @@ pub fn prepare(
     {
         return Ok(done);
     }
-
-    // Everything about the output but the pixels is known from the listing.
-    let images = &listing.images;
-    let places = places(input, images, own_split.as_deref())?;
-    let mut classes_of: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-    for p in &places {
-        classes_of.entry(&p.split).or_default().insert(&p.class);
-    }
-    // A class folder without images is refused, as ImageFolder refuses it.
-    let root: Vec<String> = match own_split {
-        Some(_) => Vec::new(),
-        None => images[0].parts[..images[0].parts.len() - 3].to_vec(),
+    let conv = Conversion::plan(input, gzipped, &listing, own_split.as_deref(), out_dir, name, print, tag)?;
+    std::fs::create_dir_all(out_dir).at(out_dir)?;
+    let sealed = match opts.store {
+        Store::Dense => dense(&conv, opts, progress)?,
+        Store::Encoded => super::encoded::write(&conv, opts, progress)?,
+        Store::Auto if opts.size.is_some() => dense(&conv, opts, progress)?,
+        Store::Auto if opts.max_side.is_some() => super::encoded::write(&conv, opts, progress)?,
+        Store::Auto => match dense(&conv, opts, progress) {
+            // Images of several sizes: kept encoded instead (the dense attempt stopped at the
+            // first image of another size; what it wrote is gone).
+            Err(e) if conv.sizes_differ.load(std::sync::atomic::Ordering::SeqCst) => {
+                drop(e);
+                progress.set_position(0);
+                super::encoded::write(&conv, opts, progress)?
+            }
+            other => other?,
+        },
     };
-    for (split, classes) in &classes_of {
-        let mut split_dir = root.clone();
-        if own_split.is_none() {
-            split_dir.push(split.to_string());
+    let mut splits = super::persist_all(out_dir, sealed)?;
+    splits.sort_by_key(|s| (s.split != "train", s.split.clone()));
+    let source = super::tarball::SourceInfo::named(input);
+    Ok(PrepSummary {
+        dataset: conv.name,
+        source,
+        classes: conv.classes,
+        splits,
+        seconds: start.elapsed().as_secs_f64(),
+        skipped: false,
+        image_folder: true,
+    })
+}
+
+/// How the images of a folder's splits are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Store {
+    /// Dense where every image has one size (or `--size` resizes them to one), encoded
+    /// otherwise.
+    #[default]
+    Auto,
+    /// Decoded, `[N, 3, H, W]`.
+    Dense,
+    /// Kept encoded (see [`super::encoded`]).
+    Encoded,
+}
+
+/// What a conversion knows from the listing alone: every image's place, the classes, the
+/// splits and their labels.
+pub(crate) struct Conversion<'a> {
+    pub input: &'a Path,
+    pub gzipped: bool,
+    pub listing: &'a Listing,
+    pub out_dir: &'a Path,
+    pub name: String,
+    pub print: String,
+    pub tag: String,
+    pub classes: Vec<String>,
+    pub split_names: Vec<String>,
+    /// Each split's labels, in index order.
+    pub labels: Vec<Vec<i64>>,
+    /// Each listed image's place.
+    pub target_of: Vec<Target>,
+    /// The listed image first in index order (whose size a dense conversion takes).
+    pub first: usize,
+    /// Set by a dense conversion that met an image of another size than the first.
+    pub sizes_differ: std::sync::atomic::AtomicBool,
+}
+
+impl<'a> Conversion<'a> {
+    #[allow(clippy::too_many_arguments)] // what `prepare` found, handed over once
+    fn plan(
+        input: &'a Path,
+        gzipped: bool,
+        listing: &'a Listing,
+        own_split: Option<&str>,
+        out_dir: &'a Path,
+        name: String,
+        print: String,
+        tag: String,
+    ) -> Result<Self> {
+        let images = &listing.images;
+        let places = places(input, images, own_split)?;
+        let mut classes_of: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for p in &places {
+            classes_of.entry(&p.split).or_default().insert(&p.class);
         }
-        let prefix = if split_dir.is_empty() { String::new() } else { format!("{}/", split_dir.join("/")) };
-        for d in &listing.dirs {
-            if let Some(class) = d.strip_prefix(&prefix)
-                && !class.contains('/')
-                && !classes.contains(class)
-            {
-                return Err(Error::format(input.join(d), "is a class folder with no images"));
+        // A class folder without images is refused, as ImageFolder refuses it.
+        let root: Vec<String> = match own_split {
+            Some(_) => Vec::new(),
+            None => images[0].parts[..images[0].parts.len() - 3].to_vec(),
+        };
+        for (split, classes) in &classes_of {
+            let mut split_dir = root.clone();
+            if own_split.is_none() {
+                split_dir.push(split.to_string());
+            }
+            let prefix =
+                if split_dir.is_empty() { String::new() } else { format!("{}/", split_dir.join("/")) };
+            for d in &listing.dirs {
+                if let Some(class) = d.strip_prefix(&prefix)
+                    && !class.contains('/')
+                    && !classes.contains(class)
+                {
+                    return Err(Error::format(input.join(d), "is a class folder with no images"));
+                }
             }
         }
-    }
-    let (first_split, first_classes) = classes_of.iter().next().expect("at least one image");
-    for (split, classes) in &classes_of {
-        if classes != first_classes {
-            let only: Vec<&&str> = classes.symmetric_difference(first_classes).collect();
-            return Err(Error::format(
-                input,
-                format!(
-                    "splits {first_split} and {split} have different classes (not in both: {}): \
-                     labels would not mean the same",
-                    only.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")
-                ),
-            ));
+        let (first_split, first_classes) = classes_of.iter().next().expect("at least one image");
+        for (split, classes) in &classes_of {
+            if classes != first_classes {
+                let only: Vec<&&str> = classes.symmetric_difference(first_classes).collect();
+                return Err(Error::format(
+                    input,
+                    format!(
+                        "splits {first_split} and {split} have different classes (not in both: {}): \
+                         labels would not mean the same",
+                        only.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
         }
-    }
-    let classes: Vec<String> = first_classes.iter().map(|s| s.to_string()).collect();
-    let outputs: Vec<PathBuf> = classes_of.keys().map(|split| output_path(out_dir, &name, split)).collect();
-    super::input_is_not_an_output(input, outputs.iter().map(PathBuf::as_path))?;
-    super::check_class_count(classes.len(), input)?;
-    let label: HashMap<&str, i64> = classes.iter().enumerate().map(|(i, c)| (c.as_str(), i as i64)).collect();
-    let split_names: Vec<String> = classes_of.keys().map(|s| s.to_string()).collect();
-    // ImageFolder's order: split, then class, then file name.
-    let mut order: Vec<usize> = (0..images.len()).collect();
-    order.sort_by(|&a, &b| places[a].cmp(&places[b]));
-    let mut target_of = vec![(0, 0); images.len()];
-    let mut labels: Vec<Vec<i64>> = vec![Vec::new(); split_names.len()];
-    for &i in &order {
-        let s = split_names.binary_search(&places[i].split).expect("a split of the listing");
-        target_of[i] = (s, labels[s].len());
-        labels[s].push(label[places[i].class.as_str()]);
+        let classes: Vec<String> = first_classes.iter().map(|s| s.to_string()).collect();
+        let split_names: Vec<String> = classes_of.keys().map(|s| s.to_string()).collect();
+        let outputs: Vec<PathBuf> =
+            split_names.iter().map(|split| output_path(out_dir, &name, split)).collect();
+        super::input_is_not_an_output(input, outputs.iter().map(PathBuf::as_path))?;
+        super::check_class_count(classes.len(), input)?;
+        let label: HashMap<&str, i64> =
+            classes.iter().enumerate().map(|(i, c)| (c.as_str(), i as i64)).collect();
+        // ImageFolder's order: split, then class, then file name.
+        let mut order: Vec<usize> = (0..images.len()).collect();
+        order.sort_by(|&a, &b| places[a].cmp(&places[b]));
+        let mut target_of = vec![(0, 0); images.len()];
+        let mut labels: Vec<Vec<i64>> = vec![Vec::new(); split_names.len()];
+        for &i in &order {
+            let s = split_names.binary_search(&places[i].split).expect("a split of the listing");
+            target_of[i] = (s, labels[s].len());
+            labels[s].push(label[places[i].class.as_str()]);
+        }
+        Ok(Conversion {
+            input,
+            gzipped,
+            listing,
+            out_dir,
+            name,
+            print,
+            tag,
+            classes,
+            split_names,
+            labels,
+            target_of,
+            first: order[0],
+            sizes_differ: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
+    /// The metadata of split `s`'s file, made by the conversion `conversion`.
+    pub fn metadata(
+        &self,
+        s: usize,
+        dtype: StoreDtype,
+        (mean, std): ([f32; 3], [f32; 3]),
+        conversion: &str,
+    ) -> HashMap<String, String> {
+        let mut meta = Metadata {
+            dataset: &self.name,
+            split: &self.split_names[s],
+            classes: &self.classes,
+            dtype,
+            mean,
+            std,
+            source: &self.input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            official: false,
+            fingerprint: &self.print,
+            options: &self.tag,
+            conversion,
+        }
+        .into_map();
+        meta.insert("splits".into(), serde_json::to_string(&self.split_names).unwrap());
+        meta.insert("source_kind".into(), "image-folder".into());
+        meta
+    }
+
+    /// Reads every image in the listing's order (a directory's files are read by whoever
+    /// takes the job; an archive's members here, in archive order), handing each to `send`
+    /// with its places until `send` says stop. Returns the jobs sent, and how reading ended.
+    pub fn read(&self, send: &mut dyn FnMut(Job) -> bool) -> (usize, Result<()>) {
+        let mut sent = 0;
+        let mut send = |job: Job| -> bool {
+            sent += 1;
+            send(job)
+        };
+        let read = match &self.listing.images[0].bytes {
+            Bytes::File(_) => {
+                for (image, &target) in self.listing.images.iter().zip(&self.target_of) {
+                    if !send((image.shown.clone(), None, vec![target])) {
+                        break;
+                    }
+                }
+                Ok(())
+            }
+            Bytes::Member { .. } => {
+                let mut wanted: BTreeMap<usize, u64> = BTreeMap::new();
+                let mut places: HashMap<usize, (PathBuf, Vec<Target>)> = HashMap::new();
+                for (image, &target) in self.listing.images.iter().zip(&self.target_of) {
+                    let Bytes::Member { number, size } = image.bytes else {
+                        unreachable!("one kind of input")
+                    };
+                    wanted.insert(number, size);
+                    places.entry(number).or_insert_with(|| (image.shown.clone(), Vec::new())).1.push(target);
+                }
+                let (input, gzipped) = (self.input, self.gzipped);
+                std::fs::File::open(input).at(input).and_then(|file| {
+                    read_members(file, gzipped, input, &wanted, |number, bytes| {
+                        let (shown, targets) = places.remove(&number).expect("a wanted member");
+                        Ok(send((shown, Some(bytes), targets)))
+                    })
+                })
+            }
+        };
+        (sent, read)
+    }
+}
+
+/// The dense conversion: every image decoded, checked against the first's size (or resized to
+/// `--size`), and written at its place; sealed splits, ready to persist.
+fn dense(
+    conv: &Conversion<'_>,
+    opts: &PrepOptions,
+    progress: &indicatif::ProgressBar,
+) -> Result<Vec<(SplitSummary, super::writer::Sealed)>> {
+    let (input, out_dir, name) = (conv.input, conv.out_dir, &conv.name);
     // The images' size: --size, or the first image's (in index order, read from its header).
-    let first = &images[order[0]];
+    let first = &conv.listing.images[conv.first];
     let side = match opts.size {
         Some(s) => s,
         None => {
-            let bytes = read_one(input, gzipped, first)?;
+            let bytes = read_one(input, conv.gzipped, first)?;
             let (w, h) = super::image::dimensions(&bytes, &first.shown)?;
             super::image::check_pixels((w, h), opts.max_image_pixels, &first.shown)?;
             (h, w)
         }
     };
     let side_px = (side.0 as usize, side.1 as usize);
-    std::fs::create_dir_all(out_dir).at(out_dir)?;
     // Normalizing with the data's own statistics needs them before the first f32 is written:
     // the bytes go to a scratch file first, and are normalized from there.
     let staged = opts.dtype == StoreDtype::F32 && opts.norm == Norm::Dataset;
     let first_dtype = if staged { StoreDtype::U8 } else { opts.dtype };
-    let room = super::writer::header_room(classes.iter().chain(&split_names).map(String::as_str));
+    let room = super::writer::header_room(conv.classes.iter().chain(&conv.split_names).map(String::as_str));
     let mut outputs = Vec::new();
-    for (s, split) in split_names.iter().enumerate() {
+    for (s, split) in conv.split_names.iter().enumerate() {
         let stage = if staged { "-u8" } else { "" };
         outputs.push(TensorFileWriter::placed(
             out_dir,
             &format!("cifar-prep-{name}-{split}{stage}"),
             first_dtype,
             side_px,
-            labels[s].clone(),
+            conv.labels[s].clone(),
             room,
         )?);
     }
     let (mean, std) = opts.norm.mean_std(|| ([0.0; 3], [1.0; 3]));
     let norm = Normalize::new(mean, std);
-    let stats_split = split_names.iter().position(|s| s == "train").unwrap_or(0);
-    let hist = decode_all(
-        input,
-        gzipped,
-        &listing,
-        &target_of,
-        side,
-        opts,
-        &outputs,
-        &norm,
-        stats_split,
-        &first.shown,
-        progress,
-    )?;
+    let stats_split = conv.split_names.iter().position(|s| s == "train").unwrap_or(0);
+    let hist = decode_all(conv, side, opts, &outputs, &norm, stats_split, &first.shown, progress)?;
 
     let (mean, std) = opts.norm.mean_std(|| super::stats_of_histogram(&hist));
     let norm = Normalize::new(mean, std);
     if staged {
         let scratch = std::mem::take(&mut outputs);
-        for (s, split) in split_names.iter().enumerate() {
+        for (s, split) in conv.split_names.iter().enumerate() {
             let out = TensorFileWriter::placed(
                 out_dir,
                 &format!("cifar-prep-{name}-{split}"),
                 opts.dtype,
                 side_px,
-                labels[s].clone(),
+                conv.labels[s].clone(),
                 room,
             )?;
             let per_image = CHANNELS * side_px.0 * side_px.1;
@@ -389,42 +592,19 @@ pub fn prepare(
 
     let conversion = super::conversion_id();
     let mut sealed = Vec::new();
-    for (writer, split) in outputs.into_iter().zip(&split_names) {
+    for (s, writer) in outputs.into_iter().enumerate() {
         let per_class =
-            super::per_class(&labels[sealed.len()], classes.len()).expect("labels index the classes");
-        let mut meta = Metadata {
-            dataset: &name,
-            split,
-            classes: &classes,
-            dtype: opts.dtype,
-            mean,
-            std,
-            source: &input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-            official: false,
-            fingerprint: &print,
-            options: &tag,
-            conversion: &conversion,
-        }
-        .into_map();
-        meta.insert("splits".into(), serde_json::to_string(&split_names).unwrap());
-        meta.insert("source_kind".into(), "image-folder".into());
+            super::per_class(&conv.labels[s], conv.classes.len()).expect("labels index the classes");
+        let meta = conv.metadata(s, opts.dtype, (mean, std), &conversion);
         let images = writer.images();
         let file = writer.finish(meta)?;
-        let path = output_path(out_dir, &name, split);
-        sealed.push((SplitSummary { split: split.clone(), path, images, per_class, bytes: file.size }, file));
+        let path = output_path(out_dir, name, &conv.split_names[s]);
+        sealed.push((
+            SplitSummary { split: conv.split_names[s].clone(), path, images, per_class, bytes: file.size },
+            file,
+        ));
     }
-    let mut splits = super::persist_all(out_dir, sealed)?;
-    splits.sort_by_key(|s| (s.split != "train", s.split.clone()));
-    let source = super::tarball::SourceInfo::named(input);
-    Ok(PrepSummary {
-        dataset: name,
-        source,
-        classes,
-        splits,
-        seconds: start.elapsed().as_secs_f64(),
-        skipped: false,
-        image_folder: true,
-    })
+    Ok(sealed)
 }
 
 /// The bytes of one image of the listing.
@@ -443,15 +623,12 @@ fn read_one(input: &Path, gzipped: bool, image: &Image) -> Result<Vec<u8>> {
     }
 }
 
-/// Decodes every image of `listing` and writes it at its places (`target_of`, by listing index)
-/// in `outputs`, every core decoding while this thread reads. Returns the per-channel byte
-/// histogram of split `stats_split`.
+/// Decodes every image of the conversion and writes it at its places in `outputs`, every core
+/// decoding while this thread reads. Returns the per-channel byte histogram of split
+/// `stats_split`.
 #[allow(clippy::too_many_arguments)]
 fn decode_all(
-    input: &Path,
-    gzipped: bool,
-    listing: &Listing,
-    target_of: &[Target],
+    conv: &Conversion<'_>,
     side: (u32, u32),
     opts: &PrepOptions,
     outputs: &[TensorFileWriter],
@@ -477,7 +654,7 @@ fn decode_all(
         first_bad.fetch_min(n, SeqCst);
     };
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<(usize, Job)>(2 * threads);
-    progress.set_length(listing.images.len() as u64);
+    progress.set_length(conv.listing.images.len() as u64);
     let hists = std::thread::scope(|s| {
         let decoders: Vec<_> = (0..threads)
             .map(|_| {
@@ -491,18 +668,27 @@ fn decode_all(
                         }
                         let bytes = match bytes {
                             Some(b) => Ok(b),
-                            None => std::fs::read(&shown).at(&shown),
+                            None => crate::files::read_regular(&shown, super::layout::MAX_MEMBER_BYTES),
                         };
                         let done = bytes.and_then(|b| {
-                            decode_one(&b, &shown, first_shown, side, opts, budget, |pixels| {
-                                for &(split, index) in &targets {
-                                    outputs[split].put(index, pixels, norm)?;
-                                    if split == stats_split {
-                                        count(&mut hist, pixels);
+                            decode_one(
+                                &b,
+                                &shown,
+                                first_shown,
+                                side,
+                                opts,
+                                budget,
+                                &conv.sizes_differ,
+                                |pixels| {
+                                    for &(split, index) in &targets {
+                                        outputs[split].put(index, pixels, norm)?;
+                                        if split == stats_split {
+                                            count(&mut hist, pixels);
+                                        }
                                     }
-                                }
-                                Ok(())
-                            })
+                                    Ok(())
+                                },
+                            )
                         });
                         match done {
                             Ok(()) => progress.inc(targets.len() as u64),
@@ -514,38 +700,11 @@ fn decode_all(
             })
             .collect();
         drop(jobs_rx);
-        let mut sent = 0;
-        let mut send = |job: Job| -> bool {
-            sent += 1;
-            first_bad.load(SeqCst) == usize::MAX && jobs_tx.send((sent - 1, job)).is_ok()
-        };
-        let read = match &listing.images[0].bytes {
-            Bytes::File(_) => {
-                for (image, &target) in listing.images.iter().zip(target_of) {
-                    if !send((image.shown.clone(), None, vec![target])) {
-                        break;
-                    }
-                }
-                Ok(())
-            }
-            Bytes::Member { .. } => {
-                let mut wanted: BTreeMap<usize, u64> = BTreeMap::new();
-                let mut places: HashMap<usize, (PathBuf, Vec<Target>)> = HashMap::new();
-                for (image, &target) in listing.images.iter().zip(target_of) {
-                    let Bytes::Member { number, size } = image.bytes else {
-                        unreachable!("one kind of input")
-                    };
-                    wanted.insert(number, size);
-                    places.entry(number).or_insert_with(|| (image.shown.clone(), Vec::new())).1.push(target);
-                }
-                std::fs::File::open(input).at(input).and_then(|file| {
-                    read_members(file, gzipped, input, &wanted, |number, bytes| {
-                        let (shown, targets) = places.remove(&number).expect("a wanted member");
-                        Ok(send((shown, Some(bytes), targets)))
-                    })
-                })
-            }
-        };
+        let mut n = 0;
+        let (sent, read) = conv.read(&mut |job| {
+            n += 1;
+            first_bad.load(SeqCst) == usize::MAX && jobs_tx.send((n - 1, job)).is_ok()
+        });
         drop(jobs_tx);
         if let Err(e) = read {
             // After every image read before it; a decoder's error, where there is one, is the
@@ -569,7 +728,9 @@ fn decode_all(
 }
 
 /// Decodes one image within `budget`, checks its size against the conversion's `side`
-/// (`(height, width)`, that of `first`), and hands its pixels to `write`.
+/// (`(height, width)`, that of `first`; a mismatch sets `sizes_differ`), and hands its pixels
+/// to `write`.
+#[allow(clippy::too_many_arguments)]
 fn decode_one(
     bytes: &[u8],
     shown: &Path,
@@ -577,15 +738,18 @@ fn decode_one(
     side: (u32, u32),
     opts: &PrepOptions,
     budget: &MemoryBudget,
+    sizes_differ: &std::sync::atomic::AtomicBool,
     write: impl FnOnce(&[u8]) -> Result<()>,
 ) -> Result<()> {
     let (w, h) = super::image::dimensions(bytes, shown)?;
     super::image::check_pixels((w, h), opts.max_image_pixels, shown)?;
     if opts.size.is_none() && (h, w) != side {
+        sizes_differ.store(true, std::sync::atomic::Ordering::SeqCst);
         return Err(Error::format(
             shown,
             format!(
-                "is {w}x{h}, but {} is {}x{}: pass --size H,W to resize every image to one size",
+                "is {w}x{h}, but {} is {}x{}: pass --size H,W to resize every image to one size (or \
+                 --store encoded to keep images of every size)",
                 first.display(),
                 side.1,
                 side.0

@@ -6,6 +6,7 @@
 //! bound), the writer parses, normalizes and writes (the disk's bound), with a bounded channel
 //! between.
 pub mod download;
+mod encoded;
 pub mod folder;
 pub mod image;
 pub mod layout;
@@ -25,6 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+pub use self::folder::Store;
 use self::layout::{CIFAR10_CLASSES, COARSE_CLASSES, Kind, Records, Role, Split};
 use self::tarball::SourceInfo;
 use self::writer::TensorFileWriter;
@@ -83,6 +85,14 @@ pub struct PrepOptions {
     /// Image folders only: the most pixels an image may declare before it is refused (a
     /// decompression bomb). By default, [`image::MAX_IMAGE_PIXELS`].
     pub max_image_pixels: u64,
+    /// Image folders only: dense tensors or encoded images. By default, [`Store::Auto`]:
+    /// dense where every image has one size, encoded otherwise.
+    pub store: Store,
+    /// Encoded files only: shrink images whose longer side is more than this to it,
+    /// re-encoding them as JPEG at `quality`. By default, none: every JPEG kept byte for byte.
+    pub max_side: Option<u32>,
+    /// The JPEG quality `max_side`'s re-encoding uses. By default, 90.
+    pub quality: u8,
 }
 
 impl Default for PrepOptions {
@@ -94,6 +104,9 @@ impl Default for PrepOptions {
             size: None,
             name: None,
             max_image_pixels: image::MAX_IMAGE_PIXELS,
+            store: Store::Auto,
+            max_side: None,
+            quality: 90,
         }
     }
 }
@@ -291,10 +304,14 @@ pub fn prepare(
     remove_stale_temporaries(out_dir);
     let result = if folder::is_image_folder(input)? {
         folder::prepare(input, out_dir, opts, progress)
-    } else if opts.size.is_some() || opts.name.is_some() {
+    } else if opts.size.is_some()
+        || opts.name.is_some()
+        || opts.store != Store::Auto
+        || opts.max_side.is_some()
+    {
         Err(Error::format(
             input,
-            "is a CIFAR tarball or directory: --size and --name apply to image folders only",
+            "is a CIFAR tarball or directory: --size, --name, --store and --max-side apply to image folders only",
         ))
     } else {
         prepare_cifar(input, out_dir, opts, progress)

@@ -64,6 +64,14 @@ pub struct Normalize {
     inverse: [(f32, f32); CHANNELS],
 }
 
+impl std::fmt::Debug for Normalize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The values of pixel 0 and 255 say which normalization it is; the table is 3 KiB.
+        let ends: Vec<(f32, f32)> = self.lut.iter().map(|c| (c[0], c[255])).collect();
+        f.debug_struct("Normalize").field("pixels 0 and 255", &ends).finish()
+    }
+}
+
 impl Normalize {
     /// The table for per-channel `mean` and `std`.
     pub fn new(mean: [f32; 3], std: [f32; 3]) -> Self {
@@ -356,6 +364,11 @@ pub struct Sealed {
 }
 
 impl Sealed {
+    /// A complete, synced file at `tmp` of `size` bytes.
+    pub(crate) fn new(tmp: PathBuf, size: u64) -> Self {
+        Sealed { tmp, size }
+    }
+
     /// Renames it to `path`, atomically replacing any earlier file there.
     pub fn persist(self, path: &Path) -> Result<()> {
         std::fs::rename(&self.tmp, path).at(path)

@@ -29,8 +29,8 @@ def timed(cmd, **kw):
     return time.perf_counter() - t
 
 
-def json_line(cmd):
-    out = sh(cmd).stdout.strip().splitlines()
+def json_line(cmd, **kw):
+    out = sh(cmd, **kw).stdout.strip().splitlines()
     return json.loads(out[-1])
 
 

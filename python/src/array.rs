@@ -10,31 +10,37 @@ use dlpark::{DlpackFlags, Managed, ManagedTensorBase};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
+use cifar_data::pipeline::Dtype;
+
 use crate::pool::Lease;
 
 /// The memory an [`Array`] shows.
 pub enum Owner {
     /// One batch's images: the buffer goes back to its pool when the last view of it goes.
-    Batch(Lease),
+    Batch(Lease, Dtype),
     /// One batch's labels, in their own allocation: keeping them keeps no images alive.
     Labels(Vec<i64>),
     /// One sample's values (`ds[i]`).
     Sample(Vec<f32>),
+    /// One sample's pixels (`ds[i]` of a transform that stops at `ToImage()`).
+    SampleU8(Vec<u8>),
 }
 
 impl Owner {
     fn data(&self) -> *mut c_void {
         match self {
-            Owner::Batch(lease) => lease.buffer().images.as_ptr() as *mut c_void,
+            Owner::Batch(lease, _) => lease.buffer().images.as_ptr() as *mut c_void,
             Owner::Labels(v) => v.as_ptr() as *mut c_void,
             Owner::Sample(v) => v.as_ptr() as *mut c_void,
+            Owner::SampleU8(v) => v.as_ptr() as *mut c_void,
         }
     }
 
     fn dtype(&self) -> DLDataType {
         match self {
             Owner::Labels(_) => DLDataType::of::<i64>(),
-            Owner::Batch(_) | Owner::Sample(_) => DLDataType::of::<f32>(),
+            Owner::Batch(_, Dtype::U8) | Owner::SampleU8(_) => DLDataType::of::<u8>(),
+            Owner::Batch(_, Dtype::F32) | Owner::Sample(_) => DLDataType::of::<f32>(),
         }
     }
 }

@@ -1,12 +1,19 @@
-//! [`Dataset`]: a source of samples (a tensor file read as pixels, or an image folder) with the
-//! transform the workers run natively, and map-style access one sample at a time.
+//! [`Dataset`]: a source of samples with the transform the workers run natively, and map-style
+//! access one sample at a time. Two kinds: fixed-size samples (a dense tensor file read as
+//! pixels, or an image folder at one size) with a padded crop and flip after the read, or
+//! images of any size (an encoded tensor file, a folder read as it is, or a dense file's
+//! pixels) each decoded straight into the geometry drawn for it.
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use cifar_data::decode::Out;
 use cifar_data::error::try_zeroed;
+use cifar_data::geometry::{Geometry, ImageTransform, Rect, Resample, Window};
+use cifar_data::images::{DenseImages, EncodedImages, FolderImages};
+use cifar_data::pipeline::{Dtype, ImageSettings, Output};
 use cifar_data::source::Pixels;
-use cifar_data::{Augment, ImageFolder, Padding, SizePolicy, Source};
+use cifar_data::{Augment, ImageFolder, ImageSource, Padding, SizePolicy, Source};
 use pyo3::exceptions::{PyIndexError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -16,8 +23,13 @@ use crate::errors::to_py;
 /// `(mean, std)`, each three floats, from Python.
 type Norm = Option<([f32; 3], [f32; 3])>;
 
+/// `RandomResizedCrop(size, scale, ratio)` from Python: `((h, w), scale, ratio)`.
+type RandomResizedCrop = ((u32, u32), (f64, f64), (f64, f64));
+
 /// The transform as the Python half reads it (`_transforms.Native.kwargs()`): a normalization,
-/// a crop after padding, its fill (normalized), and the flip.
+/// a crop after padding and its fill (normalized), the flip; and for images of any size a
+/// resize (`Resize`, `RandomResizedCrop`), a window of it (`CenterCrop`, `RandomCrop`), and
+/// whether the batch stays `uint8`.
 #[derive(FromPyObject)]
 #[pyo3(from_item_all)]
 pub struct Transform {
@@ -27,6 +39,17 @@ pub struct Transform {
     fill: [f32; 3],
     flip: bool,
     crop_size: Option<(usize, usize)>,
+    /// `Resize(n)`: `(n,)`; `Resize((h, w))`: `(h, w)`.
+    resize: Option<Vec<u32>>,
+    /// `RandomResizedCrop`: `((h, w), (scale_lo, scale_hi), (ratio_lo, ratio_hi))`.
+    random_resized_crop: Option<RandomResizedCrop>,
+    /// `CenterCrop((h, w))`.
+    center_crop: Option<(u32, u32)>,
+    /// `RandomCrop((h, w))` with no padding, after a resize.
+    random_window: Option<(u32, u32)>,
+    uint8: bool,
+    dct_scaling: bool,
+    max_image_pixels: u64,
 }
 
 impl Transform {
@@ -44,6 +67,43 @@ impl Transform {
             }
         };
         Ok(Augment { crop_padding: self.crop_padding, padding: Some(padding), flip: self.flip })
+    }
+
+    /// Whether this transform needs the image path: a resize, a window, or `uint8` batches.
+    fn on_images(&self) -> bool {
+        self.uint8
+            || self.resize.is_some()
+            || self.random_resized_crop.is_some()
+            || self.center_crop.is_some()
+            || self.random_window.is_some()
+    }
+
+    fn images(&self) -> PyResult<ImageSettings> {
+        let resample = match (&self.random_resized_crop, self.resize.as_deref()) {
+            (Some((size, scale, ratio)), None) => {
+                Resample::RandomResizedCrop { size: *size, scale: *scale, ratio: *ratio }
+            }
+            (None, Some([n])) => Resample::Shorter(*n),
+            (None, Some([h, w])) => Resample::Exact(*h, *w),
+            (None, None) => Resample::None,
+            _ => {
+                return Err(PyTypeError::new_err("one resize (Resize or RandomResizedCrop) is run natively"));
+            }
+        };
+        let window = match (self.center_crop, self.random_window) {
+            (Some((h, w)), None) => Window::Center(h, w),
+            (None, Some((h, w))) => Window::Random(h, w),
+            (None, None) => Window::Whole,
+            _ => return Err(PyTypeError::new_err("one crop (CenterCrop or RandomCrop) is run natively")),
+        };
+        let output = match (self.uint8, self.norm) {
+            (true, _) => Output::U8,
+            (false, Some((mean, std))) => Output::normalized(mean, std),
+            (false, None) => Output::normalized([0.0; 3], [1.0; 3]),
+        };
+        let decode =
+            cifar_data::decode::Options { max_pixels: self.max_image_pixels, dct_scaling: self.dct_scaling };
+        Ok(ImageSettings { transform: ImageTransform { resample, window, flip: self.flip }, output, decode })
     }
 
     /// A RandomCrop of `crop_size` (`(h, w)`) after `crop_padding`, checked against the images:
@@ -70,11 +130,24 @@ impl Transform {
     }
 }
 
-/// Where a sample comes from, and what the workers do to it.
+/// Where samples come from, and what the workers do to each.
+pub enum Samples {
+    /// Fixed-size samples, then a padded crop and flip.
+    Dense { source: Arc<dyn Source>, augment: Augment },
+    /// Images of any size, decoded into their drawn geometry.
+    Images { source: Arc<dyn ImageSource>, settings: ImageSettings },
+}
+
+/// A dataset's samples and their labels.
 pub struct Recipe {
-    pub source: Arc<dyn Source>,
+    pub samples: Samples,
     pub labels: Vec<i64>,
-    pub augment: Augment,
+}
+
+impl Recipe {
+    fn len(&self) -> usize {
+        self.labels.len()
+    }
 }
 
 /// How the dataset was made, to make it again with another transform.
@@ -94,6 +167,7 @@ enum Origin {
 pub struct Dataset {
     recipe: Arc<Recipe>,
     origin: Origin,
+    classes: Vec<String>,
     /// `get` calls that drew their own crop and flip (none was given).
     draws: AtomicU64,
 }
@@ -103,28 +177,80 @@ impl Dataset {
         &self.recipe
     }
 
-    fn open(py: Python<'_>, origin: Origin, transform: &Transform) -> PyResult<Dataset> {
-        let augment = transform.augment()?;
-        let (source, labels): (Arc<dyn Source>, Vec<i64>) = match &origin {
+    fn open(py: Python<'_>, origin: Origin, t: &Transform) -> PyResult<Dataset> {
+        let (samples, labels, classes) = match &origin {
             Origin::File(path) => {
-                let pixels = py.detach(|| Pixels::open(path, transform.norm)).map_err(to_py)?;
-                let labels = pixels.labels().to_vec();
-                (Arc::new(pixels), labels)
+                if py.detach(|| cifar_data::store::is_encoded(path)).map_err(to_py)? {
+                    let images = py.detach(|| EncodedImages::open(path, true)).map_err(to_py)?;
+                    let labels = images.file().labels().to_vec();
+                    let classes = images.file().classes().to_vec();
+                    (Samples::Images { source: Arc::new(images), settings: t.images()? }, labels, classes)
+                } else {
+                    let pixels = Arc::new(py.detach(|| Pixels::open(path, t.norm)).map_err(to_py)?);
+                    let labels = pixels.labels().to_vec();
+                    let classes = pixels.classes();
+                    if t.on_images() {
+                        let source = Arc::new(DenseImages::new(pixels));
+                        (Samples::Images { source, settings: t.images()? }, labels, classes)
+                    } else {
+                        t.check_crop(pixels.as_ref())?;
+                        (Samples::Dense { source: pixels, augment: t.augment()? }, labels, classes)
+                    }
+                }
             }
             Origin::Folder { classes, samples, size, resize, .. } => {
-                let (mean, std) = transform.norm.unwrap_or(([0.0; 3], [1.0; 3]));
-                let mut folder = ImageFolder::with_samples(classes.clone(), samples.clone())
-                    .normalize(mean, std)
-                    .size(size.0, size.1);
-                if *resize {
-                    folder = folder.policy(SizePolicy::Resize);
-                }
+                let folder = ImageFolder::with_samples(classes.clone(), samples.clone());
                 let labels = folder.samples().iter().map(|(_, l)| *l).collect();
-                (Arc::new(folder), labels)
+                if t.on_images() {
+                    (
+                        Samples::Images {
+                            source: Arc::new(FolderImages::new(folder)),
+                            settings: t.images()?,
+                        },
+                        labels,
+                        classes.clone(),
+                    )
+                } else {
+                    let (mean, std) = t.norm.unwrap_or(([0.0; 3], [1.0; 3]));
+                    let mut folder = folder.normalize(mean, std).size(size.0, size.1);
+                    if *resize {
+                        folder = folder.policy(SizePolicy::Resize);
+                    }
+                    t.check_crop(&folder)?;
+                    (
+                        Samples::Dense { source: Arc::new(folder), augment: t.augment()? },
+                        labels,
+                        classes.clone(),
+                    )
+                }
             }
         };
-        transform.check_crop(source.as_ref())?;
-        Ok(Dataset { recipe: Arc::new(Recipe { source, labels, augment }), origin, draws: AtomicU64::new(0) })
+        if let Samples::Images { settings, .. } = &samples
+            && settings.transform.output_size().is_none()
+        {
+            return Err(PyTypeError::new_err(
+                "the transform leaves each image at a size of its own, which no batch can hold: end it with a crop \
+                 or a resize to one size (RandomResizedCrop, CenterCrop, Resize((h, w)))",
+            ));
+        }
+        Ok(Dataset {
+            recipe: Arc::new(Recipe { samples, labels }),
+            origin,
+            classes,
+            draws: AtomicU64::new(0),
+        })
+    }
+
+    /// `[C, H, W]` of a sample and its dtype.
+    fn sample(&self) -> ([usize; 3], Dtype) {
+        match &self.recipe.samples {
+            Samples::Dense { source, .. } => (source.sample_shape(), Dtype::F32),
+            Samples::Images { settings, .. } => {
+                let (h, w) = settings.transform.output_size().expect("checked at open");
+                let dtype = if matches!(settings.output, Output::U8) { Dtype::U8 } else { Dtype::F32 };
+                ([3, h as usize, w as usize], dtype)
+            }
+        }
     }
 }
 
@@ -138,18 +264,32 @@ fn folder_size(size: Option<(u32, u32)>) -> PyResult<(u32, u32)> {
     }
 }
 
+/// A geometry from Python: `((top, left, height, width), (height, width), (top, left, height,
+/// width), flip)` (region, resized, window, flip).
+type PyGeometry = ((i64, i64, u32, u32), (u32, u32), (i64, i64, u32, u32), bool);
+
+fn geometry(((t, l, h, w), resized, (wt, wl, wh, ww), flip): PyGeometry) -> Geometry {
+    Geometry {
+        region: Rect { top: t, left: l, height: h, width: w },
+        resized,
+        window: Rect { top: wt, left: wl, height: wh, width: ww },
+        flip,
+    }
+}
+
 #[pymethods]
 impl Dataset {
-    /// A prepared tensor file, read as pixels normalized by the transform's `norm` (`None`: the
-    /// file's own).
+    /// A prepared tensor file, dense (read as pixels normalized by the transform's `norm`;
+    /// `None`: the file's own) or encoded (images of any size).
     #[staticmethod]
     fn tensor_file(py: Python<'_>, path: PathBuf, transform: Transform) -> PyResult<Dataset> {
         Dataset::open(py, Origin::File(path), &transform)
     }
 
-    /// An image folder (`root/<class>/**/<image>`), decoded by the workers, at `size`
+    /// An image folder (`root/<class>/**/<image>`), decoded by the workers: at `size`
     /// (`(width, height)`; `None`: 32×32), resized to it or refused when another size
-    /// (`resize`). A class without images is refused unless `allow_empty`.
+    /// (`resize`), unless the transform resizes or crops them itself. A class without images is
+    /// refused unless `allow_empty`.
     #[staticmethod]
     #[pyo3(signature = (root, transform, size=None, resize=false, allow_empty=false))]
     fn image_folder(
@@ -208,19 +348,25 @@ impl Dataset {
     }
 
     fn __len__(&self) -> usize {
-        self.recipe.source.len()
+        self.recipe.len()
     }
 
     /// `[C, H, W]` of a sample.
     #[getter]
     fn shape(&self) -> [usize; 3] {
-        self.recipe.source.sample_shape()
+        self.sample().0
+    }
+
+    /// Whether samples are decoded into a geometry of their own (images of any size).
+    #[getter]
+    fn images(&self) -> bool {
+        matches!(self.recipe.samples, Samples::Images { .. })
     }
 
     /// Class names in label order (empty where the data names none).
     #[getter]
     fn classes(&self) -> Vec<String> {
-        self.recipe.source.classes()
+        self.classes.clone()
     }
 
     /// Every sample's label.
@@ -238,45 +384,94 @@ impl Dataset {
         }
     }
 
-    /// Sample `index` (negative counts from the end) as `(Array [C, H, W] f32, label)`, cropped
-    /// and flipped as `draw` `(dy, dx, flip)` says where the transform has a random crop or
-    /// flip (`None`: drawn here, anew each call).
+    /// Sample `index` (negative counts from the end) as `(Array [C, H, W], label)`. Its random
+    /// choices are `draw(size)`'s, called with the sample's `(height, width)` where there are
+    /// any: `(dy, dx, flip)` for a padded crop, a geometry (see `PyGeometry`) for an image; with
+    /// no `draw`, drawn here, anew each call.
     #[pyo3(signature = (index, draw=None))]
-    fn get(
-        &self,
-        py: Python<'_>,
-        index: isize,
-        draw: Option<(usize, usize, bool)>,
-    ) -> PyResult<(Array, i64)> {
+    fn get(&self, py: Python<'_>, index: isize, draw: Option<Bound<'_, PyAny>>) -> PyResult<(Array, i64)> {
         let recipe = &self.recipe;
-        let n = recipe.source.len();
+        let n = recipe.len();
         let i = if index < 0 { index + n as isize } else { index };
         if i < 0 || i as usize >= n {
             return Err(PyIndexError::new_err(format!("index {index} is out of range for {n} samples")));
         }
         let i = i as usize;
-        let shape = recipe.source.sample_shape();
+        let (shape, dtype) = self.sample();
         let size: usize = shape.iter().product();
-        let augment = recipe.augment;
-        let draw = draw.unwrap_or_else(|| {
-            // A fresh draw each call: the call count stands for the seed.
-            augment.draw(self.draws.fetch_add(1, Ordering::Relaxed), 0, i)
-        });
-        let (values, label) = py
-            .detach(|| -> cifar_data::Result<(Vec<f32>, i64)> {
-                let mut out = try_zeroed(size, "a sample")?;
-                let label = if augment.is_identity() {
-                    recipe.source.read_into(i, &mut out)?
-                } else {
-                    let mut raw = try_zeroed(size, "a sample")?;
-                    let label = recipe.source.read_into(i, &mut raw)?;
-                    augment.apply_drawn(draw, shape, &raw, &mut out);
-                    label
+        let own_draw = self.draws.fetch_add(1, Ordering::Relaxed);
+        let label = recipe.labels[i];
+        let owner = match &recipe.samples {
+            Samples::Dense { source, augment } => {
+                let drawn = match &draw {
+                    Some(f) => f.call1(((shape[1], shape[2]),))?.extract::<(usize, usize, bool)>()?,
+                    None => augment.draw(own_draw, 0, i),
                 };
-                recipe.source.check_intact()?;
-                Ok((out, label))
-            })
-            .map_err(to_py)?;
-        Ok((Array::new(Owner::Sample(values), shape.map(|d| d as i64).to_vec()), label))
+                let values = py
+                    .detach(|| -> cifar_data::Result<Vec<f32>> {
+                        let mut out = try_zeroed(size, "a sample")?;
+                        if augment.is_identity() {
+                            source.read_into(i, &mut out)?;
+                        } else {
+                            let mut raw = try_zeroed(size, "a sample")?;
+                            source.read_into(i, &mut raw)?;
+                            augment.apply_drawn(drawn, shape, &raw, &mut out);
+                        }
+                        source.check_intact()?;
+                        Ok(out)
+                    })
+                    .map_err(to_py)?;
+                Owner::Sample(values)
+            }
+            Samples::Images { source, settings } => {
+                let image = py.detach(|| source.image(i)).map_err(to_py)?;
+                let g = match &draw {
+                    Some(f) => geometry(f.call1((image.size,))?.extract::<PyGeometry>()?),
+                    None => settings.transform.draw(own_draw, 0, i, image.size).map_err(to_py)?,
+                };
+                if g.output() != (shape[1] as u32, shape[2] as u32) {
+                    return Err(PyValueError::new_err(format!(
+                        "the geometry drawn gives {}x{}, the transform {}x{}",
+                        g.output().1,
+                        g.output().0,
+                        shape[2],
+                        shape[1]
+                    )));
+                }
+                py.detach(|| -> cifar_data::Result<Owner> {
+                    let owner = match (&settings.output, dtype) {
+                        (Output::U8, _) => {
+                            let mut out = try_zeroed::<u8>(size, "a sample")?;
+                            cifar_data::images::render(
+                                source.as_ref(),
+                                i,
+                                &image,
+                                &g,
+                                Out::U8(&mut out),
+                                &settings.decode,
+                            )?;
+                            Owner::SampleU8(out)
+                        }
+                        (Output::F32(norm), _) => {
+                            let mut out = try_zeroed::<f32>(size, "a sample")?;
+                            let out_ref = Out::F32(&mut out, norm);
+                            cifar_data::images::render(
+                                source.as_ref(),
+                                i,
+                                &image,
+                                &g,
+                                out_ref,
+                                &settings.decode,
+                            )?;
+                            Owner::Sample(out)
+                        }
+                    };
+                    source.check_intact()?;
+                    Ok(owner)
+                })
+                .map_err(to_py)?
+            }
+        };
+        Ok((Array::new(owner, shape.map(|d| d as i64).to_vec()), label))
     }
 }

@@ -40,6 +40,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<array::Array>()?;
     m.add_function(wrap_pyfunction!(prepare::prepare_root, m)?)?;
     m.add_function(wrap_pyfunction!(prepare::prepare, m)?)?;
+    m.add("JPEG_SIMD", cifar_data::decode::jpeg::simd())?;
     m.add("FormatError", m.py().get_type::<errors::FormatError>())?;
     m.add("WorkerError", m.py().get_type::<errors::WorkerError>())?;
     Ok(())

@@ -16,12 +16,12 @@ use std::task::Poll;
 use std::thread::ThreadId;
 use std::time::Duration;
 
-use cifar_data::pipeline::{Epoch, Filled, HeapBuffer, Pipeline, Settings, Shards};
+use cifar_data::pipeline::{Dtype, Epoch, Filled, HeapBuffer, Pipeline, Settings, Shards};
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 
 use crate::array::{Array, Owner};
-use crate::dataset::Dataset;
+use crate::dataset::{Dataset, Recipe, Samples};
 use crate::errors::to_py;
 use crate::fork;
 use crate::pool::{Lease, Pool, PoolBuffers};
@@ -98,7 +98,6 @@ impl Loader {
         world_size: usize,
         even: bool,
     ) -> PyResult<Loader> {
-        let recipe = dataset.recipe();
         let settings = Settings {
             batch_size,
             shuffle,
@@ -106,16 +105,16 @@ impl Loader {
             num_workers: 0,
             prefetch: None,
             drop_last,
-            augment: recipe.augment,
             rank,
             world: world_size,
             start: (0, 0),
             shards: if even { Shards::Even } else { Shards::Strided },
             order: None,
+            ..Settings::default()
         };
         // No worker is started: a pipeline without them has none to join.
         let buffers = PoolBuffers { pool: Pool::new(0), host_step: true, workers: 0 };
-        let probe = Pipeline::new(recipe.source.clone(), &settings, buffers).map_err(to_py)?;
+        let probe = pipeline(dataset.recipe(), &settings, buffers).map_err(to_py)?;
         let batches = probe.sampler().batches_per_epoch();
         Ok(Loader { settings, pool: Mutex::new(Pool::new(8)), position: Arc::default(), batches })
     }
@@ -158,12 +157,11 @@ impl Loader {
         pin: bool,
         timeout: f64,
     ) -> PyResult<EpochIter> {
-        let recipe = dataset.recipe();
+        let recipe = dataset.recipe().clone();
         let settings = Settings {
             start: (epoch, start),
             num_workers,
             prefetch,
-            augment: recipe.augment,
             order: order.map(Arc::from),
             ..self.settings.clone()
         };
@@ -176,11 +174,20 @@ impl Loader {
             pool.clone()
         };
         let buffers = PoolBuffers { pool: pool.clone(), host_step, workers: num_workers };
-        let source = recipe.source.clone();
-        let pipeline = py.detach(|| Pipeline::new(source, &settings, buffers)).map_err(to_py)?;
+        let pipeline = py.detach(|| pipeline(&recipe, &settings, buffers)).map_err(to_py)?;
+        let (shape, dtype) = (pipeline.sample_shape(), pipeline.dtype());
+        if pool.spec() != Some((pipeline.capacity(), shape, dtype)) {
+            // The dataset's transform changed its samples' size or type since the pool's buffers
+            // were made: a pool of their size from now on.
+            let fresh = Pool::new(8);
+            fresh.set_spec((pipeline.capacity(), shape, dtype));
+            *lock(&self.pool) = fresh;
+        }
+        let pool = lock(&self.pool).clone();
+        let mut pipeline = pipeline;
+        pipeline.buffers_mut().pool = pool.clone();
         // Room for what an epoch has on its way plus a few the user holds.
         pool.keep_at_least(pipeline.prefetch() + 4);
-        let shape = pipeline.sample_shape();
         let live = pipeline.into_epoch(epoch);
         let ticket = self.position.start(epoch, live.position());
         Ok(EpochIter {
@@ -196,6 +203,7 @@ impl Loader {
             output: Output { convert, capsule, pin },
             timeout: (timeout > 0.0).then(|| Duration::from_secs_f64(timeout)),
             shape,
+            dtype,
             pool,
             position: self.position.clone(),
             ticket,
@@ -205,6 +213,22 @@ impl Loader {
 }
 
 type LiveEpoch = Epoch<PoolBuffers, Pipeline<PoolBuffers>>;
+
+/// The pipeline over `recipe`'s samples.
+fn pipeline(
+    recipe: &Recipe,
+    settings: &Settings,
+    buffers: PoolBuffers,
+) -> cifar_data::Result<Pipeline<PoolBuffers>> {
+    match &recipe.samples {
+        Samples::Dense { source, augment } => {
+            Pipeline::new(source.clone(), &Settings { augment: *augment, ..settings.clone() }, buffers)
+        }
+        Samples::Images { source, settings: images } => {
+            Pipeline::images(source.clone(), images.clone(), settings, buffers)
+        }
+    }
+}
 
 /// An epoch held by an iterator. Dropped with the GIL released (joining the workers waits for
 /// the batches in their hands); a copy a fork left in a child is let go without a join.
@@ -257,6 +281,7 @@ pub struct EpochIter {
     output: Output,
     timeout: Option<Duration>,
     shape: [usize; 3],
+    dtype: Dtype,
     pool: Arc<Pool>,
     position: Arc<Position>,
     ticket: u64,
@@ -438,7 +463,7 @@ impl EpochIter {
         let [c, h, w] = self.shape.map(|d| d as i64);
         let n = len as i64;
         (
-            Array::new(Owner::Batch(Lease::new(buffer, self.pool.clone())), vec![n, c, h, w]),
+            Array::new(Owner::Batch(Lease::new(buffer, self.pool.clone()), self.dtype), vec![n, c, h, w]),
             Array::new(Owner::Labels(labels), vec![n]),
         )
     }

@@ -4,15 +4,20 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cifar_data::pipeline::{Buffers, HeapBuffer, default_prefetch};
+use cifar_data::pipeline::{Buffers, Dtype, HeapBuffer, default_prefetch};
 
 use crate::fork;
+
+/// A buffer's `(capacity, [C, H, W], dtype)`.
+pub type Spec = (usize, [usize; 3], Dtype);
 
 /// Free buffers, shared by a loader's epochs and the leases of their batches. At most `keep`
 /// are kept: a user who held many batches and then let them go gets the memory back.
 pub struct Pool {
     free: Mutex<Vec<HeapBuffer>>,
     keep: AtomicUsize,
+    /// The buffers' `(capacity, shape, dtype)`, once known: a pool serves one size.
+    spec: Mutex<Option<Spec>>,
     /// The process generation that made it: a forked child leaves its lock alone (a thread of
     /// the parent may have held it at the fork) and lets the buffers go instead.
     generation: u64,
@@ -23,8 +28,19 @@ impl Pool {
         Arc::new(Pool {
             free: Mutex::new(Vec::new()),
             keep: AtomicUsize::new(keep),
+            spec: Mutex::new(None),
             generation: fork::generation(),
         })
+    }
+
+    /// The size of buffer this pool serves, once set.
+    pub fn spec(&self) -> Option<Spec> {
+        *self.spec.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets the size of buffer this pool serves (a fresh pool's, before any is put in it).
+    pub fn set_spec(&self, spec: Spec) {
+        *self.spec.lock().unwrap_or_else(|p| p.into_inner()) = Some(spec);
     }
 
     /// Keeps at least `n` free buffers from now on (an epoch with more workers needs more).

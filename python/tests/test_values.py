@@ -113,7 +113,7 @@ def test_image_folder_matches_torchvisions(tmp_path, root):
     for i in range(30):
         d = tmp_path / "folder" / plain.classes[plain.targets[i]]
         d.mkdir(parents=True, exist_ok=True)
-        pixels = (plain[i][0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        pixels = plain[i][0].permute(1, 2, 0).numpy()  # uint8, as torchvision's PILToTensor
         Image.fromarray(np.ascontiguousarray(pixels)).save(d / f"{i:03}.png")
     t = T.Compose([T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)])
     ours = cifar_fast.ImageFolder(tmp_path / "folder", transform=t)

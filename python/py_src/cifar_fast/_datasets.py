@@ -54,13 +54,19 @@ class _Dataset:
         """The normalization of a transform that names none."""
         return _TO_TENSOR
 
+    def _parse(self, transform):
+        spec = parse(transform, self._norm_for(transform))
+        spec.dct_scaling = getattr(self, "_dct_scaling", True)
+        spec.max_image_pixels = getattr(self, "_max_image_pixels", spec.max_image_pixels)
+        return spec
+
     @property
     def transform(self):
         return self._transform
 
     @transform.setter
     def transform(self, transform):
-        spec = parse(transform, self._norm_for(transform))
+        spec = self._parse(transform)
         native = self._native.with_transform(spec.kwargs())
         self._native, self._spec, self._transform = native, spec, transform
 
@@ -103,12 +109,18 @@ class _Dataset:
 
     # A file opened, for TensorFile and the CIFAR datasets.
     def _open_file(self, path, transform, output):
-        spec = parse(transform, self._norm_for(transform))
+        spec = self._parse(transform)
         self._setup(_native.Dataset.tensor_file(os.fspath(path), spec.kwargs()), transform, spec, output)
+
+    def _decoding(self, dct_scaling, max_image_pixels):
+        self._dct_scaling = bool(dct_scaling)
+        self._max_image_pixels = _check_int("max_image_pixels", max_image_pixels, 1)
 
     def _file_state(self):
         path = self._native.path
-        return dict(path=path, fingerprint=_fingerprint(path), transform=self._transform, output=self._output)
+        return dict(path=path, fingerprint=_fingerprint(path), transform=self._transform, output=self._output,
+                    dct_scaling=getattr(self, "_dct_scaling", True),
+                    max_image_pixels=getattr(self, "_max_image_pixels", 89_478_485))
 
     def _reopen_file(self, state):
         path = state["path"]
@@ -119,15 +131,21 @@ class _Dataset:
         if now != state["fingerprint"]:
             raise FormatError(f"{path}: is not the file the dataset was pickled with (changed, replaced or "
                               "gone since): open it anew")
+        self._decoding(state.get("dct_scaling", True), state.get("max_image_pixels", 89_478_485))
         self._open_file(path, state["transform"], state["output"])
 
 
 class TensorFile(_Dataset):
     """A tensor file `prepare` (or `cifar-prep`) made, memory-light and zero-copy. Without a
     transform, samples are the file's values (normalized as it was prepared); with one, the
-    file's pixels go through it as `ToTensor()` would give them."""
+    file's pixels go through it as `ToTensor()` would give them. An encoded file (images of
+    every size, kept as their JPEG or PNG bytes) needs a transform that gives them one size
+    (`RandomResizedCrop`, `Resize` + `CenterCrop`); its images are decoded by the workers, only
+    the part each crop needs, at a DCT scaling of 1/2 to 1/8 where the crop is that many times
+    the output (`dct_scaling=False`: Pillow's pixels to the level, slower)."""
 
-    def __init__(self, path, transform=None, output=None):
+    def __init__(self, path, transform=None, output=None, *, dct_scaling=True, max_image_pixels=89_478_485):
+        self._decoding(dct_scaling, max_image_pixels)
         self._open_file(path, transform, output)
 
     def _norm_for(self, transform):
@@ -174,12 +192,15 @@ class CIFAR100(CIFAR10):
 class ImageFolder(_Dataset):
     """torchvision's `ImageFolder(root, transform, ..., allow_empty)`: `root/<class>/**/<image>`
     with classes in sorted order and images in torchvision's order (sub-folders included),
-    decoded by the workers with torchvision's pixels. Images must be `size` `(width, height)`
-    (32x32 by default), or are resized to it with `resize=True`. `samples` lists `(path,
-    class_index)` as torchvision's does."""
+    decoded by the workers with torchvision's pixels. With a transform that gives every image
+    one size (`RandomResizedCrop`, `Resize` + `CenterCrop`, ...), images of every size are read
+    as they are, only the part each crop needs decoded (see `TensorFile` for `dct_scaling`);
+    otherwise images must be `size` `(width, height)` (32x32 by default), or are resized to it
+    with `resize=True`. `samples` lists `(path, class_index)` as torchvision's does."""
 
     def __init__(self, root, transform=None, target_transform=None, loader=None, is_valid_file=None,
-                 allow_empty=False, *, size=None, resize=False, output=None):
+                 allow_empty=False, *, size=None, resize=False, output=None, dct_scaling=True,
+                 max_image_pixels=89_478_485):
         for name, value in (("target_transform", target_transform), ("loader", loader),
                             ("is_valid_file", is_valid_file)):
             if value is not None:
@@ -187,7 +208,8 @@ class ImageFolder(_Dataset):
                                 "(images are decoded natively, labels are the class indices)")
         self._size = None if size is None else (_check_int("size", size[0], 1), _check_int("size", size[1], 1))
         self._resize = bool(resize)
-        spec = parse(transform, _TO_TENSOR)
+        self._decoding(dct_scaling, max_image_pixels)
+        spec = self._parse(transform)
         native = _native.Dataset.image_folder(os.fspath(root), spec.kwargs(), size=self._size, resize=self._resize,
                                               allow_empty=bool(allow_empty))
         self.root = root
@@ -202,12 +224,14 @@ class ImageFolder(_Dataset):
     def _state(self):
         classes, samples = self._native.listing()
         return dict(root=self.root, classes=classes, samples=[(os.fspath(p), l) for p, l in samples],
-                    size=self._size, resize=self._resize, transform=self._transform, output=self._output)
+                    size=self._size, resize=self._resize, transform=self._transform, output=self._output,
+                    dct_scaling=self._dct_scaling, max_image_pixels=self._max_image_pixels)
 
     def _restore(self, state):
         self.root, self._size, self._resize = state["root"], state["size"], state["resize"]
+        self._decoding(state.get("dct_scaling", True), state.get("max_image_pixels", 89_478_485))
         transform = state["transform"]
-        spec = parse(transform, _TO_TENSOR)
+        spec = self._parse(transform)
         native = _native.Dataset.image_folder_listed(os.fspath(self.root), state["classes"], state["samples"],
                                                      spec.kwargs(), size=self._size, resize=self._resize)
         self._setup(native, transform, spec, state["output"])

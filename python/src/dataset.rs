@@ -78,7 +78,9 @@ impl Transform {
             || self.random_window.is_some()
     }
 
-    fn images(&self) -> PyResult<ImageSettings> {
+    /// The image path's settings; `fixed`: the one size the source's images have, where a
+    /// transform that neither resizes nor crops (`uint8` batches alone) keeps them.
+    fn images(&self, fixed: Option<(u32, u32)>) -> PyResult<ImageSettings> {
         let resample = match (&self.random_resized_crop, self.resize.as_deref()) {
             (Some((size, scale, ratio)), None) => {
                 Resample::RandomResizedCrop { size: *size, scale: *scale, ratio: *ratio }
@@ -93,7 +95,11 @@ impl Transform {
         let window = match (self.center_crop, self.random_window) {
             (Some((h, w)), None) => Window::Center(h, w),
             (None, Some((h, w))) => Window::Random(h, w),
-            (None, None) => Window::Whole,
+            (None, None) => match (resample, fixed) {
+                // The images as they are, all of one size: that whole size.
+                (Resample::None, Some((h, w))) => Window::Center(h, w),
+                _ => Window::Whole,
+            },
             _ => return Err(PyTypeError::new_err("one crop (CenterCrop or RandomCrop) is run natively")),
         };
         let output = match (self.uint8, self.norm) {
@@ -184,14 +190,16 @@ impl Dataset {
                     let images = py.detach(|| EncodedImages::open(path, true)).map_err(to_py)?;
                     let labels = images.file().labels().to_vec();
                     let classes = images.file().classes().to_vec();
-                    (Samples::Images { source: Arc::new(images), settings: t.images()? }, labels, classes)
+                    (Samples::Images { source: Arc::new(images), settings: t.images(None)? }, labels, classes)
                 } else {
                     let pixels = Arc::new(py.detach(|| Pixels::open(path, t.norm)).map_err(to_py)?);
                     let labels = pixels.labels().to_vec();
                     let classes = pixels.classes();
                     if t.on_images() {
+                        let [_, h, w] = pixels.sample_shape();
+                        let settings = t.images(Some((h as u32, w as u32)))?;
                         let source = Arc::new(DenseImages::new(pixels));
-                        (Samples::Images { source, settings: t.images()? }, labels, classes)
+                        (Samples::Images { source, settings }, labels, classes)
                     } else {
                         t.check_crop(pixels.as_ref())?;
                         (Samples::Dense { source: pixels, augment: t.augment()? }, labels, classes)
@@ -202,14 +210,21 @@ impl Dataset {
                 let folder = ImageFolder::with_samples(classes.clone(), samples.clone());
                 let labels = folder.samples().iter().map(|(_, l)| *l).collect();
                 if t.on_images() {
-                    (
-                        Samples::Images {
-                            source: Arc::new(FolderImages::new(folder)),
-                            settings: t.images()?,
-                        },
-                        labels,
-                        classes.clone(),
-                    )
+                    // Neither resized nor cropped, images must have the folder's size (as the dense
+                    // path refuses others), or are resized to it (`resize`).
+                    let keep = t.resize.is_none() && t.random_resized_crop.is_none();
+                    let keep = keep && t.center_crop.is_none() && t.random_window.is_none();
+                    let mut settings = t.images(Some((size.1, size.0)))?;
+                    let source = if keep && *resize {
+                        settings.transform.resample = Resample::Exact(size.1, size.0);
+                        settings.transform.window = Window::Whole;
+                        FolderImages::new(folder)
+                    } else if keep {
+                        FolderImages::new(folder).expect_size((size.1, size.0))
+                    } else {
+                        FolderImages::new(folder)
+                    };
+                    (Samples::Images { source: Arc::new(source), settings }, labels, classes.clone())
                 } else {
                     let (mean, std) = t.norm.unwrap_or(([0.0; 3], [1.0; 3]));
                     let mut folder = folder.normalize(mean, std).size(size.0, size.1);

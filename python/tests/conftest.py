@@ -53,3 +53,15 @@ def torchvision_cifar(root, train, transform):
     import torchvision
     with mock.patch("torchvision.datasets.cifar.check_integrity", return_value=True):
         return torchvision.datasets.CIFAR10(str(root), train=train, transform=transform, download=False)
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    """An ImageNet-like folder of real photographs (the shared tool's, ImageNet's sizes, JPEG
+    settings and oddities: grey, CMYK, a PNG named .JPEG, EXIF rotation), 60 train and 20 val
+    images in 4 classes, a third of them odd."""
+    out = tmp_path_factory.mktemp("photos")
+    subprocess.run([sys.executable, os.path.join(SHARED, "tools", "make-photo-folder.py"), str(out),
+                    "--train", "60", "--val", "20", "--classes", "4", "--odd-share", "0.3", "--seed", "1"],
+                   check=True, stdout=subprocess.DEVNULL)
+    return out

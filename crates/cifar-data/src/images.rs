@@ -114,12 +114,20 @@ impl ImageSource for EncodedImages {
 /// read as it is, whatever its size: no preparation step, as torchvision's `ImageFolder`.
 pub struct FolderImages {
     folder: ImageFolder,
+    expect: Option<(u32, u32)>,
 }
 
 impl FolderImages {
     /// The images `folder` lists.
     pub fn new(folder: ImageFolder) -> Self {
-        FolderImages { folder }
+        FolderImages { folder, expect: None }
+    }
+
+    /// Refuses images of another `(height, width)` than this, naming the file and both sizes
+    /// (as [`crate::SizePolicy::Reject`]). By default, any size.
+    pub fn expect_size(mut self, size: (u32, u32)) -> Self {
+        self.expect = Some(size);
+        self
     }
 
     /// The folder.
@@ -137,6 +145,12 @@ impl ImageSource for FolderImages {
         let path = &self.folder.samples()[index].0;
         let bytes = crate::files::read_regular(path, crate::prep::layout::MAX_MEMBER_BYTES)?;
         let size = crate::decode::size(&bytes, path)?;
+        if let Some(want) = self.expect.filter(|&w| w != size) {
+            return Err(Error::format(
+                path,
+                format!("is {}x{}, expected {}x{}", size.1, size.0, want.1, want.0),
+            ));
+        }
         Ok(Image { data: ImageData::Encoded(Cow::Owned(bytes)), size })
     }
 

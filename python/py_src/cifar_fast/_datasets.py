@@ -4,6 +4,7 @@ reads too, pickles (its file or folder opened anew where it is unpickled) and co
 
 import hashlib
 import os
+import warnings
 
 from . import _native
 from ._native import FormatError
@@ -30,6 +31,19 @@ def _fingerprint(path):
     return os.path.getsize(path), hashlib.sha256(header).hexdigest()
 
 
+_SIMD_WARNED = False
+
+
+def _warn_without_simd():
+    """Says once that JPEGs decode without libjpeg-turbo's SIMD code (the package was built
+    without nasm): the same pixels, at about half the speed."""
+    global _SIMD_WARNED
+    if not _native.JPEG_SIMD and not _SIMD_WARNED:
+        _SIMD_WARNED = True
+        warnings.warn("cifar_fast was built without libjpeg-turbo's SIMD code (nasm was not installed): JPEG "
+                      "decoding runs at about half speed; install nasm and reinstall the package", stacklevel=4)
+
+
 def _restore(cls, state):
     """Unpickles a dataset: made anew from `state` (see `_Dataset.__reduce__`)."""
     ds = cls.__new__(cls)
@@ -44,6 +58,8 @@ class _Dataset:
     in `ds[i]` and in each DataLoader epoch begun after."""
 
     def _setup(self, native, transform, spec, output):
+        if spec.on_images:
+            _warn_without_simd()
         self._native = native
         self._transform = transform
         self._spec = spec

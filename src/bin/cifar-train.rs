@@ -81,9 +81,15 @@ struct Args {
     /// Seed of the initial weights, the order and the augmentation.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Random crop (pad 4, reflect) and horizontal flip (--recipe fast: flip and translate 2).
+    /// Random crop (pad 4, reflect) and horizontal flip (--recipe fast: flip and translate 2;
+    /// images kept encoded: RandomResizedCrop and flip).
     #[arg(long)]
     augment: bool,
+    /// Data whose images are kept encoded (photographs of every size): the side of the square
+    /// the model receives (ImageNet's recipe: Resize + CenterCrop, or with --augment
+    /// RandomResizedCrop + flip; testing Resize to 1/0.875 of it + CenterCrop).
+    #[arg(long, value_name = "N", default_value_t = 224)]
+    image_size: u32,
     /// Network [default: lenet; --recipe fast: airbench].
     #[arg(long, value_enum)]
     model: Option<ModelArg>,
@@ -159,6 +165,7 @@ enum ModelArg {
     Lenet,
     Resnet,
     Airbench,
+    Resnet18,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
@@ -267,6 +274,7 @@ fn config(args: &Args, device: Device, adapt_threads: bool) -> TrainConfig {
             ModelArg::Lenet => ModelKind::Lenet,
             ModelArg::Resnet => ModelKind::Resnet,
             ModelArg::Airbench => ModelKind::Airbench,
+            ModelArg::Resnet18 => ModelKind::Resnet18,
         };
     }
     cfg.batch_size = args.batch_size.unwrap_or(cfg.batch_size);
@@ -277,6 +285,7 @@ fn config(args: &Args, device: Device, adapt_threads: bool) -> TrainConfig {
     cfg.label_smoothing = args.label_smoothing.unwrap_or(cfg.label_smoothing);
     cfg.nesterov |= args.nesterov;
     cfg.augment |= args.augment;
+    cfg.image_size = args.image_size;
     cfg.workers = args.workers;
     cfg.prefetch = args.prefetch;
     cfg.device = device;
@@ -286,7 +295,8 @@ fn config(args: &Args, device: Device, adapt_threads: bool) -> TrainConfig {
         Resident::On => true,
         Resident::Off => false,
         // CIFAR-10 is 614 MB as f32 (154 MB as u8): it fits any CUDA device we would train on.
-        Resident::Auto => device.is_cuda(),
+        // Images kept encoded are decoded by the loader's workers instead.
+        Resident::Auto => device.is_cuda() && !cifar_fast::store::is_encoded(&cfg.train).unwrap_or(false),
     };
     cfg.checkpoint = args.checkpoint.clone();
     cfg.resume = args.resume;

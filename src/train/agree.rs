@@ -10,7 +10,6 @@ use super::sgd::Sgd;
 use super::splits::Splits;
 use crate::dist::ProcessGroup;
 use crate::error::{Error, Result};
-use crate::source::Source;
 
 /// The start of a fresh run.
 const FRESH: Position = Position { epoch: 0, step: 0, global_step: 0 };
@@ -36,13 +35,13 @@ pub(crate) fn settings(
 /// the number of steps or the collectives made (workers, prefetch and the files rank 0 writes
 /// may differ). One flat object: the checkpoint's settings and the rest beside them.
 fn agreed_settings(cfg: &TrainConfig, s: &Splits, settings: &RunSettings) -> String {
-    let conversion = s.train.file().metadata().get("conversion").cloned();
+    let conversion = s.train.metadata().get("conversion").cloned();
     let mut all = serde_json::to_value(settings).expect("settings serialize");
     let extra = serde_json::json!({
         "epochs": cfg.epochs, "max_steps": cfg.max_steps, "amp": cfg.amp,
         "resident": cfg.resident, "eval": cfg.eval, "device": format!("{:?}", cfg.device).split('(').next(),
         "resume": cfg.resume, "test_len": s.test.as_ref().map(|t| t.len()),
-        "sample_shape": s.train.sample_shape(), "train_conversion": conversion,
+        "sample_shape": s.train.sample_shape(cfg), "train_conversion": conversion,
     });
     if let (Some(all), Some(extra)) = (all.as_object_mut(), extra.as_object()) {
         all.extend(extra.clone());

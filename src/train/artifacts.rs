@@ -37,9 +37,11 @@ pub(crate) fn write_at_end(
 pub(crate) fn save_batch_preview(
     images: &Tensor,
     labels: &Tensor,
-    file: &crate::store::TensorFile,
+    split: &super::splits::Split,
     png: &Path,
 ) -> Result<()> {
+    let (mean, std) = split.normalization();
+    let classes = split.classes();
     let values = Vec::<f32>::try_from(images.to_device(Device::Cpu).contiguous().flatten(0, -1))
         .map_err(|e| Error::Shape(format!("batch preview: {e}")))?;
     let labels = Vec::<i64>::try_from(labels.to_device(Device::Cpu))
@@ -50,18 +52,10 @@ pub(crate) fn save_batch_preview(
     let per = values.len() / labels.len().max(1);
     let pictures: Vec<Vec<u8>> = values
         .chunks(per)
-        .map(|v| {
-            crate::preview::to_cell(
-                &crate::preview::denormalize(v, file.mean(), file.std()),
-                h as usize,
-                w as usize,
-            )
-        })
+        .map(|v| crate::preview::to_cell(&crate::preview::denormalize(v, mean, std), h as usize, w as usize))
         .collect();
-    let captions: Vec<String> = labels
-        .iter()
-        .map(|&l| file.classes().get(l as usize).cloned().unwrap_or_else(|| l.to_string()))
-        .collect();
+    let captions: Vec<String> =
+        labels.iter().map(|&l| classes.get(l as usize).cloned().unwrap_or_else(|| l.to_string())).collect();
     crate::preview::save_png(&crate::preview::labelled_grid(&pictures, &captions, 8, 3), png)
 }
 

@@ -1,7 +1,6 @@
 //! Where a run's training batches come from: the pipelined loader, or the split held on the
 //! device (`--resident`). Both give the same batches in the same order; the training loop sees
 //! one iterator and the time each batch cost it.
-use std::sync::Arc;
 use std::time::Duration;
 
 use tch::Tensor;
@@ -10,10 +9,10 @@ use super::checkpoint::Position;
 use super::config::TrainConfig;
 use super::plan::Plan;
 use super::resident::{EpochPlan, Resident};
+use super::splits::Split;
 use crate::error::Result;
 use crate::loader::{Epoch, Loader};
 use crate::sampler::Sampler;
-use crate::source::{Dataset, Source};
 
 /// A run's source of training batches.
 pub enum Batches {
@@ -45,7 +44,7 @@ impl Batches {
         cfg: &TrainConfig,
         plan: &Plan,
         (rank, world): (usize, usize),
-        train: &Arc<Dataset>,
+        train: &Split,
         start: Position,
     ) -> Result<Self> {
         // A data-parallel rank takes its shard: every world-th sample of the epoch's order, so
@@ -53,11 +52,12 @@ impl Batches {
         let (augment, drop_last) = (plan.augment, plan.drop_last);
         let own =
             Sampler { rank, world, drop_last, ..Sampler::shuffled(train.len(), cfg.batch_size, cfg.seed) };
-        if cfg.resident {
+        if let (true, Some(dense)) = (cfg.resident, train.dense()) {
             // The order the pipelined loader below would give (its defaults), batched on the device.
-            return Ok(Batches::Resident(Resident::new(train.clone(), augment, cfg.seed, cfg.device)?, own));
+            return Ok(Batches::Resident(Resident::new(dense.clone(), augment, cfg.seed, cfg.device)?, own));
         }
-        let mut builder = Loader::builder_arc(train.clone())
+        let mut builder = train
+            .loader(cfg.image_size, true, cfg.augment)
             .batch_size(cfg.batch_size)
             .seed(cfg.seed)
             .num_workers(cfg.workers)

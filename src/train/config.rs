@@ -53,8 +53,14 @@ pub struct TrainConfig {
     pub nesterov: bool,
     /// Label smoothing of the cross-entropy, 0 to 1. By default, 0.
     pub label_smoothing: f64,
-    /// Pad-crop and flip the training images. By default, off.
+    /// Pad-crop and flip the training images (for an encoded split, torchvision's
+    /// `RandomResizedCrop` and flip). By default, off.
     pub augment: bool,
+    /// Encoded splits (images of every size): the side of the square the model receives,
+    /// cropped and resized from each image as torchvision's ImageNet recipe does (training:
+    /// `Resize` + `CenterCrop`, or `RandomResizedCrop` + flip with `augment`; testing: `Resize`
+    /// to 1/0.875 of it + `CenterCrop`). By default, 224.
+    pub image_size: u32,
     /// Loader threads. By default, 2.
     pub workers: usize,
     /// Batches prepared ahead. By default (`None`), [`crate::loader::default_prefetch`].
@@ -118,6 +124,7 @@ impl TrainConfig {
             weight_decay: 0.0,
             nesterov: false,
             label_smoothing: 0.0,
+            image_size: 224,
             augment: false,
             workers: 2,
             prefetch: None,
@@ -181,6 +188,9 @@ impl TrainConfig {
         }
         if self.recipe == Recipe::Fast && self.model != ModelKind::Airbench {
             return bad("--recipe fast trains its own net (--model airbench)".into());
+        }
+        if self.image_size == 0 || self.image_size > 4096 {
+            return bad(format!("--image-size {}: from 1 to 4096", self.image_size));
         }
         if self.nesterov && self.momentum <= 0.0 {
             return bad("--nesterov needs a momentum above 0 (--momentum)".into());

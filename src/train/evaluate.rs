@@ -1,15 +1,12 @@
 //! Evaluation on the test split: accuracy overall and per class, and the confusion matrix, in
 //! one process or shared by the ranks of a data-parallel job.
-use std::sync::Arc;
-
 use tch::{Device, Tensor, nn};
 
 use super::fast;
+use super::splits::Split;
 use crate::dist::ProcessGroup;
 use crate::error::{Error, Result};
 use crate::interrupt::Interrupt;
-use crate::loader::Loader;
-use crate::source::Dataset;
 
 /// Test-set accuracy.
 #[derive(Debug, Clone)]
@@ -41,21 +38,25 @@ pub(crate) struct Eval<'a> {
     pub tta: u8,
     /// The ranks sharing the work, if any.
     pub group: Option<&'a ProcessGroup>,
+    /// An encoded split's crop side ([`super::config::TrainConfig::image_size`]).
+    pub image_size: u32,
 }
 
-/// The accuracy of `net`, which scores `classes` classes, on `test`: the confusion matrix is
+/// The accuracy of `net`, which scores `classes` classes, on `test` (an encoded split cropped to
+/// 224, see [`Split::loader`]): the confusion matrix is
 /// `classes` square (or the test split's class count, if larger). Ends with
 /// [`Error::Interrupted`] as soon as `interrupt` is requested.
 pub fn evaluate(
     net: &dyn nn::ModuleT,
     classes: usize,
-    test: &Arc<Dataset>,
+    test: &Split,
     batch_size: usize,
     workers: usize,
     device: Device,
     interrupt: &Interrupt,
 ) -> Result<Evaluation> {
-    Eval { batch_size, workers, device, tta: 0, group: None }.run(net, classes, test, interrupt)
+    Eval { batch_size, workers, device, tta: 0, group: None, image_size: 224 }
+        .run(net, classes, test, interrupt)
 }
 
 impl Eval<'_> {
@@ -67,7 +68,7 @@ impl Eval<'_> {
         &self,
         net: &dyn nn::ModuleT,
         classes: usize,
-        test: &Arc<Dataset>,
+        test: &Split,
         interrupt: &Interrupt,
     ) -> Result<Evaluation> {
         let group = self.group;
@@ -79,7 +80,8 @@ impl Eval<'_> {
         // Per class: correct, total.
         let mut counts = vec![[0u64; 2]; classes];
         // The split opened once by the run, not re-opened and re-validated every epoch.
-        let mut loader = Loader::builder_arc(test.clone())
+        let mut loader = test
+            .loader(self.image_size, false, false)
             .batch_size(self.batch_size)
             .shuffle(false)
             .num_workers(self.workers)

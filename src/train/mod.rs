@@ -36,7 +36,6 @@ mod splits;
 mod step;
 mod threads;
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use tch::{Device, nn};
@@ -58,12 +57,12 @@ use self::fast::Schedule;
 use self::plan::{Evaluate, Plan};
 use self::record::Record;
 use self::sgd::Sgd;
-use self::splits::Splits;
+use self::splits::{Split, Splits};
 use self::step::{Loss, Step};
 use crate::dist::ProcessGroup;
 use crate::error::{Error, Result};
 use crate::interrupt::Interrupt;
-use crate::source::{Dataset, Source};
+use crate::source::Dataset;
 
 /// Trains as `cfg` says — in one process, or as one rank of `group` (then `batch_size` is this
 /// rank's, the weights start as rank 0's, each step averages the gradients over the ranks, the
@@ -115,8 +114,8 @@ struct Run<'a> {
     main: bool,
     plan: Plan,
     settings: RunSettings,
-    train: Arc<Dataset>,
-    test: Option<Arc<Dataset>>,
+    train: Split,
+    test: Option<Split>,
     classes: Vec<String>,
     n_classes: usize,
     vs: nn::VarStore,
@@ -169,8 +168,8 @@ impl<'a> Run<'a> {
         let net = model::build(cfg.model, &vs.root(), n_classes as i64);
         let mut opt = Sgd::new(&vs, cfg.lr, cfg.momentum, cfg.weight_decay);
         opt.nesterov = cfg.nesterov;
-        if plan.schedule && !cfg.resume {
-            fast::init_whitening(&vs, &fast::first_images(&train, fast::WHITEN_IMAGES, cfg.device)?, 5e-4);
+        if let (true, false, Some(dense)) = (plan.schedule, cfg.resume, train.dense()) {
+            fast::init_whitening(&vs, &fast::first_images(dense, fast::WHITEN_IMAGES, cfg.device)?, 5e-4);
         }
         let resumed = agree::start(cfg, group, &vs, &mut opt, &settings)?;
         if let Some(dir) = cfg.checkpoint.as_deref().filter(|_| cfg.resume) {
@@ -186,7 +185,10 @@ impl<'a> Run<'a> {
         }
         // Only where the steps read from the mapping: a CUDA-resident split is read once, in order.
         let reads_mapping = !cfg.resident || cfg.device == Device::Cpu;
-        let populate_seconds = if reads_mapping { populate(&train, progress) } else { 0.0 };
+        let populate_seconds = match train.dense() {
+            Some(dense) if reads_mapping => populate(dense, progress),
+            _ => 0.0,
+        };
         let data = Batches::new(cfg, &plan, (rank, world), &train, resumed.position)?;
         let metrics = cfg.metrics.as_deref().filter(|_| main);
         let record = Record::new(metrics, cfg.resume, plan.per_epoch, plan.log_every, cfg.device)?;
@@ -210,6 +212,7 @@ impl<'a> Run<'a> {
                 device: cfg.device,
                 tta: plan.tta,
                 group,
+                image_size: cfg.image_size,
             },
             plan,
             settings,
@@ -259,7 +262,7 @@ impl<'a> Run<'a> {
             && self.main
             && let (Some(png), Some(b)) = (&self.cfg.preview_batch, &batch)
         {
-            artifacts::save_batch_preview(&b.images, &b.labels, self.train.file(), png)?;
+            artifacts::save_batch_preview(&b.images, &b.labels, &self.train, png)?;
             self.record.files.push(png.clone());
         }
         if let Some(s) = &self.schedule {
@@ -369,7 +372,7 @@ impl<'a> Run<'a> {
             self.sync_buffers()?;
         }
         if self.main {
-            let sample = self.train.sample_shape();
+            let sample = self.train.sample_shape(self.cfg);
             artifacts::write_at_end(
                 self.cfg,
                 &mut self.record,

@@ -14,6 +14,9 @@ pub enum ModelKind {
     Resnet,
     /// The fast recipe's net (airbench94's): see [`super::fast`].
     Airbench,
+    /// torchvision's ResNet-18 (tch's `resnet18`), for images of 32 pixels and more a side
+    /// (ImageNet's 224 for the images an encoded split keeps).
+    Resnet18,
 }
 
 impl ModelKind {
@@ -23,6 +26,7 @@ impl ModelKind {
             ModelKind::Lenet => "lenet",
             ModelKind::Resnet => "resnet",
             ModelKind::Airbench => "airbench",
+            ModelKind::Resnet18 => "resnet18",
         }
     }
 }
@@ -36,6 +40,7 @@ impl ModelKind {
             ModelKind::Lenet => 32..=32,
             ModelKind::Airbench => 25..=48,
             ModelKind::Resnet => 4..=usize::MAX,
+            ModelKind::Resnet18 => 32..=usize::MAX,
         }
     }
 }
@@ -54,6 +59,7 @@ pub fn build(kind: ModelKind, vs: &nn::Path, classes: i64) -> Box<dyn ModuleT> {
         ModelKind::Lenet => Box::new(lenet(vs, classes)),
         ModelKind::Resnet => Box::new(resnet(vs, classes)),
         ModelKind::Airbench => Box::new(super::fast::net(vs, classes)),
+        ModelKind::Resnet18 => Box::new(tch::vision::resnet::resnet18(vs, classes)),
     }
 }
 

@@ -220,13 +220,14 @@ fn store_one(bytes: Vec<u8>, shown: &Path, opts: &PrepOptions, budget: &MemoryBu
     }
 }
 
-/// `rgb` (`w × h`) as a PNG, quickly compressed: lossless, so it decodes to these pixels.
+/// `rgb` (`w × h`) as a PNG: lossless, so it decodes to these pixels. zlib's default level: such
+/// images are few in a photo folder, and the file should not outgrow the folder.
 fn png(rgb: &[u8], (w, h): (u32, u32), shown: &Path) -> Result<Vec<u8>> {
     use image::ImageEncoder;
     let mut out = Vec::new();
     image::codecs::png::PngEncoder::new_with_quality(
         &mut out,
-        image::codecs::png::CompressionType::Fast,
+        image::codecs::png::CompressionType::Default,
         image::codecs::png::FilterType::Adaptive,
     )
     .write_image(rgb, w, h, image::ExtendedColorType::Rgb8)

@@ -72,7 +72,8 @@ impl Root {
 pub struct Prepared {
     /// `NAME-train.safetensors`.
     pub train: PathBuf,
-    /// `NAME-test.safetensors`.
+    /// `NAME-test.safetensors`, or `NAME-val.safetensors` where there is no test split (an
+    /// ImageNet-like folder's `val/`).
     pub test: PathBuf,
 }
 
@@ -116,13 +117,19 @@ fn offline(checkout: Option<PathBuf>) -> Option<PathBuf> {
     Some(found.canonicalize().unwrap_or(found))
 }
 
-/// The names NAME with both `NAME-train` and `NAME-test` tensor files in `dir`, sorted.
+/// The held-out split of NAME in `dir`: `NAME-test`, else `NAME-val` (ImageNet names it so).
+fn held_out(dir: &Path, name: &str) -> Option<PathBuf> {
+    ["test", "val"].iter().map(|s| dir.join(format!("{name}-{s}.safetensors"))).find(|p| p.exists())
+}
+
+/// The names NAME with a `NAME-train` tensor file and a held-out one (`NAME-test`, or
+/// `NAME-val`) in `dir`, sorted.
 pub fn prepared_pairs(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix("-train.safetensors").map(String::from))
-        .filter(|n| !n.starts_with('.') && dir.join(format!("{n}-test.safetensors")).exists())
+        .filter(|n| !n.starts_with('.') && held_out(dir, n).is_some())
         .collect();
     names.sort();
     names
@@ -140,7 +147,7 @@ pub fn find_or_prepare(
     let pairs = prepared_pairs(dir);
     let files = |name: &str| Prepared {
         train: dir.join(format!("{name}-train.safetensors")),
-        test: dir.join(format!("{name}-test.safetensors")),
+        test: held_out(dir, name).unwrap_or_else(|| dir.join(format!("{name}-test.safetensors"))),
     };
     let pick = match &root.dataset {
         Some(name) => pairs.iter().find(|n| *n == name),

@@ -513,9 +513,117 @@ def bench_python(args):
                                     for k, v in rows.items()}))
 
 
+def photo_folder(data, name, train, val=0):
+    """An ImageNet-like folder of real photographs (../shared/tools/make-photo-folder.py)."""
+    root = os.path.join(data, name)
+    if not os.path.isdir(os.path.join(root, "train")):
+        sh([sys.executable, os.path.join(SHARED, "tools", "make-photo-folder.py"), root, "--train", str(train),
+            "--val", str(val)])
+    return root
+
+
+def bench_images(args):
+    """Images of every size: the loader (RandomResizedCrop and Resize + CenterCrop) beside the
+    decode bound and torchvision's ImageFolder + DataLoader; uint8 beside float; memory for 20,000
+    and 60,000 images; cifar-prep beside cat of the same files."""
+    data = args.data
+    n = args.images if args.images != 200000 else 20000
+    root = photo_folder(data, f"photos-{n}", n)
+    train = os.path.join(root, "train")
+    encoded = os.path.join(data, f"photos-{n}-encoded")
+    prep = [os.path.join(RELEASE, "cifar-prep"), root, "--out", encoded, "--force", "--store", "encoded"]
+    sh(["rm", "-rf", encoded])
+    sh(prep)
+    file = os.path.join(encoded, f"photos-{n}-train.safetensors")
+    sh([os.path.join(ROOT, "tools", "install-python")])
+    script = os.path.join(ROOT, "tools", "bench_images.py")
+    count = args.count
+    b = args.batch_sizes[0]
+
+    def py(*a):
+        return json_line([sys.executable, script, *map(str, a), "--root", train, "--batch-size", b,
+                          "--workers", 2, "--images", count])
+
+    contenders = [
+        ("bound", lambda: py("bound")),
+        ("torch/rrc", lambda: py("loader", "--impl", "torch", "--transform", "rrc")),
+        ("ours/rrc", lambda: py("loader", "--impl", "ours", "--transform", "rrc")),
+        ("file/rrc", lambda: py("loader", "--impl", "ours-file", "--file", file, "--transform", "rrc")),
+        ("u8/rrc", lambda: py("loader", "--impl", "ours", "--transform", "rrc", "--dtype", "uint8")),
+        ("torch/center", lambda: py("loader", "--impl", "torch", "--transform", "center")),
+        ("ours/center", lambda: py("loader", "--impl", "ours", "--transform", "center")),
+    ]
+    files = [os.path.join(d, f) for d, _, fs in sorted(os.walk(root)) for f in sorted(fs)]
+    listing = os.path.join(data, f"photos-{n}.files")
+    with open(listing, "w") as f:
+        f.write("\0".join(files))
+    contenders += [
+        ("prep", lambda: {"seconds": timed(prep)}),
+        ("cat", lambda: {"seconds": timed(["sh", "-c", f"xargs -0 cat < {listing} > {encoded}/cat.bin"])}),
+    ]
+    rows = interleaved([(k, lambda _b, r=r: r()) for k, r in contenders], args.reps, [b])
+    os.remove(os.path.join(encoded, "cat.bin"))
+    input_bytes = sum(os.path.getsize(p) for p in files)
+    written = sum(os.path.getsize(os.path.join(encoded, f)) for f in os.listdir(encoded))
+
+    def v(name, key="images_per_s"):
+        return field(rows, name, b, key)
+
+    def m(name, key="images_per_s"):
+        return median(v(name, key))
+
+    print(f"\n{n:,} photographs, {count:,} images a run, B = {b}, 2 workers; median of {args.reps} interleaved "
+          "runs, ratios: median of the per-rep ratios\n")
+    print("| transform | decode bound (Pillow, 2 processes) | torchvision ImageFolder + DataLoader(2) "
+          "| cifar_fast (folder) | × bound | × torchvision | cifar_fast (encoded file) | first batch |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| RandomResizedCrop(224) + flip + Normalize | {m('bound'):,.0f} | {m('torch/rrc'):,.0f} "
+          f"| {m('ours/rrc'):,.0f} | {ratio(v('ours/rrc'), v('bound')):.2f}× | {ratio(v('ours/rrc'), v('torch/rrc')):.2f}× "
+          f"| {m('file/rrc'):,.0f} | {m('ours/rrc', 'first_batch_ms'):.0f} ms |")
+    print(f"| Resize(256) + CenterCrop(224) + Normalize | {m('bound'):,.0f} | {m('torch/center'):,.0f} "
+          f"| {m('ours/center'):,.0f} | {ratio(v('ours/center'), v('bound')):.2f}× "
+          f"| {ratio(v('ours/center'), v('torch/center')):.2f}× | | {m('ours/center', 'first_batch_ms'):.0f} ms |")
+    print(f"| RandomResizedCrop(224) + flip, uint8 (PILToTensor) | | | {m('u8/rrc'):,.0f} "
+          f"| {ratio(v('u8/rrc'), v('bound')):.2f}× | × float: {ratio(v('u8/rrc'), v('ours/rrc')):.2f} | "
+          f"| {m('u8/rrc', 'first_batch_ms'):.0f} ms |")
+    print(f"\nResident memory beyond the page cache (anonymous, process and workers, peak): cifar_fast folder "
+          f"{m('ours/rrc', 'anon_mb'):.0f} MB, file {m('file/rrc', 'anon_mb'):.0f} MB; torchvision "
+          f"{m('torch/rrc', 'anon_mb'):.0f} MB")
+    print(f"cifar-prep of the folder (encoded): {m('prep', 'seconds'):.2f} s; cat of the same files into one: "
+          f"{m('cat', 'seconds'):.2f} s; ratio {ratio(v('prep', 'seconds'), v('cat', 'seconds')):.2f}; output "
+          f"{written / 1e6:,.1f} MB for {input_bytes / 1e6:,.1f} MB of images ({100 * (written / input_bytes - 1):+.2f}%)")
+    print("\nall runs:", json.dumps({k[0]: [round(r.get("images_per_s", r.get("seconds", 0)), 2) for r in rs]
+                                    for k, rs in rows.items()}))
+
+
+def bench_images_memory(args):
+    """The loader's memory for the same photographs listed 20,000 and 60,000 times over (hard
+    links: the per-image state the loader keeps, not the bytes, grows)."""
+    data = args.data
+    src = os.path.join(photo_folder(data, "photos-20000", 20000), "train")
+    script = os.path.join(ROOT, "tools", "bench_images.py")
+    out = {}
+    for n in (20000, 60000):
+        root = os.path.join(data, f"photos-links-{n}")
+        if not os.path.isdir(root):
+            for k in range(n // 20000):
+                for cls in sorted(os.listdir(src)):
+                    dst = os.path.join(root, f"{cls}-{k}")
+                    os.makedirs(dst)
+                    for f in os.listdir(os.path.join(src, cls)):
+                        os.link(os.path.join(src, cls, f), os.path.join(dst, f))
+        out[n] = [json_line([sys.executable, script, "loader", "--impl", "ours", "--root", root, "--batch-size",
+                             "256", "--workers", "2", "--images", str(args.count)])["anon_mb"]
+                  for _ in range(args.reps)]
+    print(f"\nResident memory beyond the page cache (MB, anonymous pages of the process and its threads, "
+          f"peak over {args.count:,} images, median of {args.reps}): 20,000 images {median(out[20000]):.0f}, "
+          f"60,000 images {median(out[60000]):.0f} ({100 * (median(out[60000]) / median(out[20000]) - 1):+.1f}%)")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["prep", "loader", "train", "accuracy", "busy", "ddp", "python"])
+    ap.add_argument("what", choices=["prep", "loader", "train", "accuracy", "busy", "ddp", "python", "images",
+                                           "images-memory"])
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--data", default=os.path.join(ROOT, "data"))
     ap.add_argument("--reps", type=int, default=5)
@@ -525,14 +633,16 @@ def main():
                     help="train: another cifar-train build to set beside this one; loader: another build of "
                          "benches/loader; python: a folder holding another build of the package (an unpacked "
                          "wheel), set beside this one")
-    ap.add_argument("--images", type=int, default=200000)
+    ap.add_argument("--images", type=int, default=200000, help="images: the folder's size (default 20,000)")
     ap.add_argument("--part", choices=["all", "cifar", "folder"], default="all",
                     help="prep: the CIFAR tarball, the image folder, or both")
+    ap.add_argument("--count", type=int, default=4096, help="images: images a loader run reads")
     args = ap.parse_args()
     args.data = os.path.abspath(args.data)
-    args.batch_sizes = args.batch_sizes or {"ddp": [32, 256], "accuracy": [4, 32]}.get(args.what, [4, 32, 256])
+    args.batch_sizes = args.batch_sizes or {"ddp": [32, 256], "accuracy": [4, 32], "images": [256]}.get(args.what, [4, 32, 256])
     {"prep": bench_prep, "loader": bench_loader, "train": bench_train, "accuracy": bench_accuracy,
-     "busy": bench_busy, "ddp": bench_ddp, "python": bench_python}[args.what](args)
+     "busy": bench_busy, "ddp": bench_ddp, "python": bench_python, "images": bench_images,
+     "images-memory": bench_images_memory}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -186,10 +186,10 @@ fn an_early_stop_evaluates_and_numbers_epochs_as_the_console_does() {
     assert!(out.contains("not drawn: confusion.svg: the model was not evaluated"), "{out}");
 }
 
-/// The Python block of the README that loads a checkpoint into the tutorial's `Net`.
+/// The Python block of docs/cli.md that loads a checkpoint into the tutorial's `Net`.
 fn readme_snippet() -> String {
-    let readme = std::fs::read_to_string(workspace().join("README.md")).unwrap();
-    let start = readme.find("<!-- checkpoint-snippet -->").expect("the README's snippet marker");
+    let readme = std::fs::read_to_string(workspace().join("docs/cli.md")).unwrap();
+    let start = readme.find("<!-- checkpoint-snippet -->").expect("docs/cli.md's snippet marker");
     let block = &readme[start..];
     let code = &block[block.find("```python\n").unwrap() + 10..];
     code[..code.find("```").unwrap()].to_string()

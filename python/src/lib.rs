@@ -26,7 +26,7 @@ use pyo3::prelude::*;
 /// The extension's Rust allocations go to jemalloc (prefixed: the interpreter keeps its own
 /// malloc). The batch buffers are megabytes each; glibc serves those with a fresh `mmap` and
 /// hands them back with `munmap`, and the kernel then spent more than twice the system time
-/// copying samples into them (the README's Python benchmark has the figures).
+/// copying samples into them (docs/benchmarks.md's Python section has the figures).
 #[cfg(target_os = "linux")]
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

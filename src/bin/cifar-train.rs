@@ -18,7 +18,7 @@ use tch::Device;
 /// jemalloc serves the whole process, libtorch included: with the `unprefixed` feature its
 /// `malloc`/`free` replace glibc's, and libtorch binds to them at load. A LeNet step allocates
 /// and frees every activation and gradient, and glibc's bins spent a fifth of the training
-/// thread's time in `malloc_consolidate` and `_int_free` (perf, batch 4); see the README's
+/// thread's time in `malloc_consolidate` and `_int_free` (perf, batch 4); see docs/benchmarks.md's
 /// benchmarks for what it gains.
 #[cfg(target_os = "linux")]
 #[global_allocator]
@@ -93,7 +93,7 @@ struct Args {
     /// Network [default: lenet; --recipe fast: airbench].
     #[arg(long, value_enum)]
     model: Option<ModelArg>,
-    /// The training recipe. `fast` is airbench94's (see the README): the airbench net, batch
+    /// The training recipe. `fast` is airbench94's (see docs/cli.md): the airbench net, batch
     /// 1024, 9.9 epochs, lr 11.5 and weight decay 0.0153 per 1,024 samples, Nesterov
     /// momentum 0.85, label smoothing 0.2, flip and translate 2, test-time augmentation;
     /// options given explicitly override its values.

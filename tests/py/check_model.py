@@ -3,7 +3,7 @@
     python check_model.py TEST_FILE EXPORT ACCURACY [SNIPPET]
 
 Evaluates the TorchScript file EXPORT (`torch.jit.load`) on TEST_FILE (a prepared test split,
-read with `safetensors`) and, when SNIPPET (the README's Python block that loads a checkpoint
+read with `safetensors`) and, when SNIPPET (docs/cli.md's Python block that loads a checkpoint
 into the tutorial's `Net` as `net`) is given, that net too. Each must reach exactly ACCURACY,
 the accuracy cifar-train reported.
 """

@@ -20,7 +20,8 @@ class _Dataset:
     def class_to_idx(self) -> dict[str, int]: ...
 
 class TensorFile(_Dataset):
-    def __init__(self, path: _Path, transform: Any = None, output: Optional[str] = None) -> None: ...
+    def __init__(self, path: _Path, transform: Any = None, output: Optional[str] = None, *,
+                 dct_scaling: bool = True, max_image_pixels: int = 89_478_485) -> None: ...
 
 class CIFAR10(_Dataset):
     root: _Path
@@ -35,7 +36,8 @@ class ImageFolder(_Dataset):
     root: _Path
     def __init__(self, root: _Path, transform: Any = None, target_transform: None = None, loader: None = None,
                  is_valid_file: None = None, allow_empty: bool = False, *, size: Optional[Tuple[int, int]] = None,
-                 resize: bool = False, output: Optional[str] = None) -> None: ...
+                 resize: bool = False, output: Optional[str] = None, dct_scaling: bool = True,
+                 max_image_pixels: int = 89_478_485) -> None: ...
     @property
     def samples(self) -> list[Tuple[str, int]]: ...
     @property
@@ -44,7 +46,8 @@ class ImageFolder(_Dataset):
 def prepare(input: _Path, out: _Path = "data", dtype: str = "f32", mean: Optional[Sequence[float]] = None,
             std: Optional[Sequence[float]] = None, dataset_stats: bool = False,
             size: Optional[Tuple[int, int]] = None, name: Optional[str] = None,
-            force: bool = False, max_image_pixels: int = 89_478_485) -> dict[str, str]: ...
+            force: bool = False, max_image_pixels: int = 89_478_485, store: Optional[str] = None,
+            max_side: Optional[int] = None, quality: int = 90) -> dict[str, str]: ...
 
 class DataLoader:
     dataset: _Dataset

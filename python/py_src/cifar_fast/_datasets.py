@@ -14,11 +14,13 @@ from ._transforms import parse
 _TO_TENSOR = ([0.0] * 3, [1.0] * 3)
 
 
-def _check_int(name, value, low):
+def _check_int(name, value, low, high=None):
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} should be an integer, but got {name}={value!r}")
     if value < low:
         raise ValueError(f"{name} should be at least {low}, but got {name}={value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} should be at most {high}, but got {name}={value}")
     return value
 
 
@@ -254,16 +256,26 @@ class ImageFolder(_Dataset):
 
 
 def prepare(input, out="data", dtype="f32", mean=None, std=None, dataset_stats=False, size=None, name=None,
-            force=False, max_image_pixels=89_478_485):
+            force=False, max_image_pixels=89_478_485, store=None, max_side=None, quality=90):
     """`cifar-prep` from Python: `input` (a CIFAR tarball, torchvision's extracted folder, an image
     folder or an archive of one) into tensor files in `out`. Returns `{split: path}`. An image of
-    more than `max_image_pixels` pixels (Pillow's `MAX_IMAGE_PIXELS`) is refused."""
+    more than `max_image_pixels` pixels (Pillow's `MAX_IMAGE_PIXELS`) is refused.
+
+    `store`: "dense" (decoded pixels of one size), "encoded" (the images' own bytes, each of its
+    own size, for `TensorFile(path, transform=...)`), or None: dense where every image has one
+    size (or `size` is given), encoded otherwise. `max_side`: with encoded files, images whose
+    longer side is over it are shrunk to it and re-encoded as JPEG at `quality`."""
+    if store not in (None, "dense", "encoded"):
+        raise ValueError(f"store must be 'dense', 'encoded' or None, not {store!r}")
     if (mean is None) != (std is None):
         raise ValueError("give both mean and std, or neither")
     norm = None if mean is None else (_triple3("mean", mean), _triple3("std", std))
     splits = _native.prepare(os.fspath(input), os.fspath(out), dtype=dtype, norm=norm,
                              dataset_stats=bool(dataset_stats), size=size, name=name, force=bool(force),
-                             max_image_pixels=_check_int("max_image_pixels", max_image_pixels, 1))
+                             max_image_pixels=_check_int("max_image_pixels", max_image_pixels, 1),
+                             store=store,
+                             max_side=None if max_side is None else _check_int("max_side", max_side, 1),
+                             quality=_check_int("quality", quality, 1, 100))
     return dict(splits)
 
 

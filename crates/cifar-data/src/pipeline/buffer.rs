@@ -73,7 +73,7 @@ pub trait Buffers: Send {
 /// the batch: on a machine whose cores the training threads keep busy that is up to a scheduler
 /// tick (4 ms). Big batches need few ahead, and where the step runs on the host more cost it:
 /// each buffer filled ahead is written through the caches the step works in, and a deeper
-/// queue lets more workers fill at once beside it (the README's loader section has the figures).
+/// queue lets more workers fill at once beside it (docs/benchmarks.md's loader section has the figures).
 /// Where the step runs on a device the buffers are pinned and the cap does not apply.
 pub fn default_prefetch(batch_size: usize, batch_bytes: usize, host_step: bool) -> usize {
     let depth = 64usize.div_ceil(batch_size.max(1)).max(4);

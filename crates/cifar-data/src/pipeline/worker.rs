@@ -229,7 +229,7 @@ pub(crate) fn work<B: Buffer>(recipe: Recipe, jobs: Receiver<Job<B>>, done: Send
 /// Handing out a batch wakes a worker with the next job. Where every core is busy (libtorch's
 /// threads spin between kernels), an ordinary woken thread preempts the one that woke it, which
 /// is the training thread waiting for its batch: the worker's whole fill was then counted as the
-/// step waiting on data, though the batch it waited for was ready (the README's loader section
+/// step waiting on data, though the batch it waited for was ready (docs/benchmarks.md's loader section
 /// has the figures). A failure (a sandbox that forbids the call) only costs that, so it is
 /// ignored.
 ///

@@ -14,6 +14,10 @@ crate, which needs no libtorch, and are re-exported here):
 * [`source`] is where samples come from: the [`Source`] trait, [`Dataset`] over a tensor file,
   and [`ImageFolder`] over `root/<class>/<image>.png` for your own data.
 * [`sampler`] decides each epoch's order from `(seed, epoch)`; [`augment`] crops and flips.
+* Images of every size: [`images`] are their sources ([`EncodedImages`] over an encoded tensor
+  file, [`FolderImages`] over a folder), [`geometry`] draws each sample's crop, resize and flip
+  (torchvision's `RandomResizedCrop`, `Resize`, `CenterCrop`), and [`decode`] decodes only
+  that crop (libjpeg-turbo) and resizes it as Pillow does; [`Loader::builder_images`] takes them.
 * [`loader`]: the [`Loader`]'s worker threads fill reusable (pinned, on CUDA) buffers ahead of
   the consumer and hand them out in order as [`Batch`]es of tch tensors.
 * [`train`] is the tutorial's training loop on top, which the `cifar-train` binary runs:
@@ -46,6 +50,17 @@ for epoch in 0..10 {
 ```
 */
 #![deny(missing_docs)]
+
+// The Rust examples of the README and the guides are doctests: they compile against this API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExamples;
+#[cfg(doctest)]
+#[doc = include_str!("../docs/library.md")]
+struct LibraryGuideExamples;
+#[cfg(doctest)]
+#[doc = include_str!("../docs/distributed.md")]
+struct DistributedGuideExamples;
 
 pub use cifar_data::{
     augment, decode, error, files, geometry, image_folder, images, pipeline, prep, preview, sampler, source,

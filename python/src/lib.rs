@@ -1,13 +1,13 @@
 //! `cifar_fast._native`: the Rust half of the Python package, a thin face on `cifar-data`'s
 //! pipeline. The Python half (`py_src/cifar_fast`) gives it torchvision's and torch's names.
 //!
-//! - [`dataset`]: the datasets (a tensor file read as pixels, or an image folder) with the
+//! - `dataset`: the datasets (a tensor file read as pixels, or an image folder) with the
 //!   transform the workers run natively, and map-style access one sample at a time.
-//! - [`loader`]: the pipeline's epochs as Python iterators, with the loader's position.
-//! - [`pool`]: the batch buffers lent out, and [`array`]: how they leave, through DLPack,
+//! - `loader`: the pipeline's epochs as Python iterators, with the loader's position.
+//! - `pool`: the batch buffers lent out, and `array`: how they leave, through DLPack,
 //!   back to the pool when the last tensor or view of a batch is freed.
-//! - [`prepare`]: a torchvision-style `root` found or prepared, and `cifar-prep` as a function.
-//! - [`errors`]: every failure as the Python exception its cause calls for; [`fork`]: what a
+//! - `prepare`: a torchvision-style `root` found or prepared, and `cifar-prep` as a function.
+//! - `errors`: every failure as the Python exception its cause calls for; `fork`: what a
 //!   forked child must not wait for.
 //!
 //! No libtorch is linked: one build serves any torch 2.x, and NumPy without torch. No panic

@@ -40,7 +40,7 @@ struct Args {
     /// the first).
     #[arg(long, value_name = "H,W", value_parser = parse_size)]
     size: Option<(u32, u32)>,
-    /// Image folders: name the files NAME-<split>.safetensors (default: the folder's name).
+    /// Image folders: name the files NAME-SPLIT.safetensors (default: the folder's name).
     #[arg(long)]
     name: Option<String>,
     /// Image folders: `dense` decodes every image into one tensor (one size for all: the first

@@ -8,7 +8,7 @@ use super::fast;
 use super::model::ModelKind;
 use crate::error::{Error, Result};
 
-/// How a run trains, beyond its hyperparameters: what [`super::plan::Plan`] makes of it.
+/// How a run trains, beyond its hyperparameters: what the run's plan (`train::plan`) makes of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Recipe {

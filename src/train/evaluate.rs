@@ -17,7 +17,7 @@ pub struct Evaluation {
     pub per_class: Vec<f64>,
     /// Test samples counted.
     pub total: u64,
-    /// `confusion[true][predicted]` counts; empty above [`MAX_CONFUSION_CLASSES`] classes.
+    /// `confusion[true][predicted]` counts; empty above `MAX_CONFUSION_CLASSES` classes.
     pub confusion: Vec<Vec<u64>>,
 }
 
@@ -43,7 +43,7 @@ pub(crate) struct Eval<'a> {
 }
 
 /// The accuracy of `net`, which scores `classes` classes, on `test` (an encoded split cropped to
-/// 224, see [`Split::loader`]): the confusion matrix is
+/// 224, see `Split::loader`): the confusion matrix is
 /// `classes` square (or the test split's class count, if larger). Ends with
 /// [`Error::Interrupted`] as soon as `interrupt` is requested.
 pub fn evaluate(

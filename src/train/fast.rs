@@ -9,7 +9,7 @@
 //!   only (weight fixed at 1, eps 1e-12, running statistics with momentum 0.4).
 //! - **Label smoothing** 0.2, the loss **summed** over the batch; **Nesterov SGD** (momentum
 //!   0.85) with lr 11.5 and weight decay 0.0153 per 1,024 samples, both divided by
-//!   `1024·(1 + 1/(1 − momentum))`; batch-norm biases at 64× the rate ([`Groups`]); the
+//!   `1024·(1 + 1/(1 − momentum))`; batch-norm biases at 64× the rate (`Groups`); the
 //!   whitening bias trained for the first 3 epochs only.
 //! - A **schedule** ([`lr_factor`]): from 0.2× up to 1× over the first 23% of the steps, then
 //!   down to 0.07×; 9.9 epochs of 1,024 (the last partial batch dropped).

@@ -129,7 +129,7 @@ impl Pixels {
     }
 
     /// The underlying file, opened to survive a truncation: read its images with
-    /// [`TensorFile::read_image`] only (see [`TensorFile::survive_truncation`]).
+    /// [`TensorFile::read_image`] only (see `TensorFile::survive_truncation`).
     pub fn file(&self) -> &TensorFile {
         &self.file
     }

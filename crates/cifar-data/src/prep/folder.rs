@@ -269,7 +269,7 @@ pub(crate) type Job = (PathBuf, Option<Vec<u8>>, Vec<Target>);
 /// Converts an image folder (directory or archive) into `out_dir/<name>-<split>.safetensors`,
 /// streaming, so memory stays bounded (by [`MemoryBudget`]) whatever the folder's size: as
 /// dense tensors where every image has one size (or `--size` gives one), every image decoded
-/// and written at its place in its split's file; as encoded files ([`super::encoded`]) where
+/// and written at its place in its split's file; as encoded files (`prep::encoded`) where
 /// images differ in size, or `--store encoded` or `--max-side` asks. On error nothing is left
 /// in `out_dir` and earlier output there is untouched.
 pub fn prepare(
@@ -343,7 +343,7 @@ pub enum Store {
     Auto,
     /// Decoded, `[N, 3, H, W]`.
     Dense,
-    /// Kept encoded (see [`super::encoded`]).
+    /// Kept encoded (see `prep::encoded`).
     Encoded,
 }
 

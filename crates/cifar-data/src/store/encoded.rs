@@ -211,7 +211,7 @@ impl EncodedFile {
         self.images.len()
     }
 
-    /// As [`super::TensorFile::survive_truncation`]: a truncation under the map reads zeros
+    /// As `TensorFile::survive_truncation`: a truncation under the map reads zeros
     /// and is reported by [`EncodedFile::check_intact`], which the reader calls after reading.
     pub fn survive_truncation(mut self) -> Self {
         #[cfg(target_os = "linux")]

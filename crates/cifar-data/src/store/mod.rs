@@ -317,7 +317,7 @@ impl TensorFile {
 
     /// Reads image `i`'s stored bytes into `out` (as long as [`TensorFile::image_bytes`]'s)
     /// so that a file truncated meanwhile is an error naming it, not a SIGBUS: from the map
-    /// where the file was opened to survive truncation ([`TensorFile::survive_truncation`]),
+    /// where the file was opened to survive truncation (`TensorFile::survive_truncation`),
     /// checking after the copy that no page of the map faulted; else with a positioned read.
     /// Panics if `i >= len()` or `out` has another length.
     pub fn read_image(&self, i: usize, out: &mut [u8]) -> Result<()> {

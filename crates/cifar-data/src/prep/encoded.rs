@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 
 use safetensors::Dtype;
-use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::tensor::TensorInfo;
 
 use super::folder::{Conversion, Job, Target, output_path};
 use super::image::MemoryBudget;
@@ -333,22 +333,7 @@ impl Writer {
         tail.extend(self.sizes.iter().flatten().flat_map(|v| v.to_le_bytes()));
         tail.extend(self.labels.iter().flat_map(|v| v.to_le_bytes()));
         file.write_all(&tail).at(&self.tmp)?;
-        let header = Metadata::new(Some(metadata), tensors)
-            .map_err(|e| Error::format(&self.tmp, format!("header: {e}")))?;
-        let mut header = serde_json::to_vec(&header).expect("header serializes");
-        let room = (self.data_start - 8) as usize;
-        if header.len() > room {
-            return Err(Error::format(
-                &self.tmp,
-                format!("header of {} bytes exceeds the {room} reserved for it", header.len()),
-            ));
-        }
-        header.resize(room, b' ');
-        file.seek(SeekFrom::Start(0)).at(&self.tmp)?;
-        file.write_all(&(room as u64).to_le_bytes()).at(&self.tmp)?;
-        file.write_all(&header).at(&self.tmp)?;
-        file.sync_all().at(&self.tmp)?;
-        let size = file.metadata().at(&self.tmp)?.len();
+        let size = super::writer::write_header(file, &self.tmp, self.data_start, metadata, tensors)?;
         self.file = None;
         Ok(Sealed::new(std::mem::take(&mut self.tmp), size))
     }

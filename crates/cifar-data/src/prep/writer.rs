@@ -334,26 +334,40 @@ impl TensorFileWriter {
             tail.extend(self.coarse.iter().flat_map(|l| l.to_le_bytes()));
         }
         file.write_all(&tail).at(&self.tmp)?;
-        let header = Metadata::new(Some(metadata), tensors)
-            .map_err(|e| Error::format(&self.tmp, format!("header: {e}")))?;
-        let mut header = serde_json::to_vec(&header).expect("header serializes");
-        let room = (self.data_start - 8) as usize;
-        if header.len() > room {
-            // The room was sized for the names given up front: a bug, not the input's fault.
-            return Err(Error::format(
-                &self.tmp,
-                format!("header of {} bytes exceeds the {room} reserved for it", header.len()),
-            ));
-        }
-        header.resize(room, b' ');
-        file.seek(SeekFrom::Start(0)).at(&self.tmp)?;
-        file.write_all(&(room as u64).to_le_bytes()).at(&self.tmp)?;
-        file.write_all(&header).at(&self.tmp)?;
-        file.sync_all().at(&self.tmp)?;
-        let size = file.metadata().at(&self.tmp)?.len();
+        let size = write_header(file, &self.tmp, self.data_start, metadata, tensors)?;
         self.file = None;
         Ok(Sealed { tmp: std::mem::take(&mut self.tmp), size })
     }
+}
+
+/// Writes the safetensors header of `tensors` and `metadata` into the room reserved at the
+/// start of `file` (its data from `data_start` on already written), syncs it, and returns the
+/// file's size. Both writers' last step: the header goes in last, so a file cut short anywhere
+/// has no valid header.
+pub(super) fn write_header(
+    file: &mut File,
+    tmp: &Path,
+    data_start: u64,
+    metadata: HashMap<String, String>,
+    tensors: Vec<(String, TensorInfo)>,
+) -> Result<u64> {
+    let header =
+        Metadata::new(Some(metadata), tensors).map_err(|e| Error::format(tmp, format!("header: {e}")))?;
+    let mut header = serde_json::to_vec(&header).expect("header serializes");
+    let room = (data_start - 8) as usize;
+    if header.len() > room {
+        // The room was sized for the names given up front: a bug, not the input's fault.
+        return Err(Error::format(
+            tmp,
+            format!("header of {} bytes exceeds the {room} reserved for it", header.len()),
+        ));
+    }
+    header.resize(room, b' ');
+    file.seek(SeekFrom::Start(0)).at(tmp)?;
+    file.write_all(&(room as u64).to_le_bytes()).at(tmp)?;
+    file.write_all(&header).at(tmp)?;
+    file.sync_all().at(tmp)?;
+    Ok(file.metadata().at(tmp)?.len())
 }
 
 /// A complete, synced tensor file still under its temporary name (removed if dropped).

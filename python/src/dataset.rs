@@ -269,13 +269,28 @@ impl Dataset {
     }
 }
 
-fn folder_size(size: Option<(u32, u32)>) -> PyResult<(u32, u32)> {
+/// The `(width, height)` a folder's images are loaded at: `size`, else the first image's own
+/// (torchvision gives each image its size, and a batch holds one: the first's is the one the
+/// others must have); 32×32 where no image can be read.
+fn folder_size(py: Python<'_>, size: Option<(u32, u32)>, samples: &[(PathBuf, i64)]) -> PyResult<(u32, u32)> {
     match size {
         Some((w, h)) if w == 0 || h == 0 => {
             Err(PyValueError::new_err(format!("size {w}x{h}: both sides must be positive")))
         }
         Some(size) => Ok(size),
-        None => Ok((32, 32)),
+        // An image that cannot be read is passed over here: it fails its own batch when loaded,
+        // as torchvision's fails when it is opened.
+        None => Ok(py.detach(|| {
+            samples
+                .iter()
+                .find_map(|(path, _)| {
+                    let bytes =
+                        cifar_data::files::read_regular(path, cifar_data::prep::layout::MAX_MEMBER_BYTES)
+                            .ok()?;
+                    cifar_data::decode::size(&bytes, path).ok()
+                })
+                .map_or((32, 32), |(h, w)| (w, h))
+        })),
     }
 }
 
@@ -302,7 +317,7 @@ impl Dataset {
     }
 
     /// An image folder (`root/<class>/**/<image>`), decoded by the workers: at `size`
-    /// (`(width, height)`; `None`: 32×32), resized to it or refused when another size
+    /// (`(width, height)`; `None`: the first image's), resized to it or refused when another size
     /// (`resize`), unless the transform resizes or crops them itself. A class without images is
     /// refused unless `allow_empty`.
     #[staticmethod]
@@ -315,9 +330,9 @@ impl Dataset {
         resize: bool,
         allow_empty: bool,
     ) -> PyResult<Dataset> {
-        let size = folder_size(size)?;
         let folder = py.detach(|| ImageFolder::list(&root, allow_empty)).map_err(to_py)?;
         let (classes, samples) = (folder.class_names().to_vec(), folder.shared_samples());
+        let size = folder_size(py, size, &samples)?;
         Dataset::open(py, Origin::Folder { root, classes, samples, size, resize }, &transform)
     }
 
@@ -333,7 +348,7 @@ impl Dataset {
         size: Option<(u32, u32)>,
         resize: bool,
     ) -> PyResult<Dataset> {
-        let size = folder_size(size)?;
+        let size = folder_size(py, size, &samples)?;
         let samples: Arc<[(PathBuf, i64)]> = samples.into();
         Dataset::open(py, Origin::Folder { root, classes, samples, size, resize }, &transform)
     }

@@ -14,6 +14,7 @@ import glob
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -115,8 +116,12 @@ def as_run_here(script):
                          ids=lambda v: v if isinstance(v, (str, int)) and not str(v).count("\n") else "")
 def test_the_example_runs(doc, line, lang, text, reason, tmp_path, small_jpegs, small_photos):
     work = checkout_like(tmp_path, small_jpegs, small_photos)
+    with socket.socket() as sock:  # torchrun's port (29500 by default) may be another program's
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
-               CIFAR_FAST_OFFLINE_IMAGES=str(tmp_path / "shared" / "data" / "cifar-10-jpeg.tar.gz"))
+               CIFAR_FAST_OFFLINE_IMAGES=str(tmp_path / "shared" / "data" / "cifar-10-jpeg.tar.gz"),
+               PET_MASTER_PORT=port, MASTER_PORT=port)
     if lang == "sh":
         cmd = ["bash", "-euo", "pipefail", "-c", as_run_here(text)]
     else:

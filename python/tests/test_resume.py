@@ -101,3 +101,29 @@ def test_state_dict_follows_every_batch_taken(root):
     for k in range(1, 4):
         next(it)
         assert loader.state_dict()["batches_yielded"] == k and loader.state_dict()["epoch"] == 0
+
+
+@pytest.mark.parametrize("epochs_before", [0, 1])
+def test_a_samplers_epoch_resumes_in_the_order_it_was_saved_in(root, epochs_before):
+    # RandomSampler draws its order from torch's generator at each iter(): a resumed loader
+    # (another process, another generator state) replays the saved epoch's order, as
+    # StatefulDataLoader restores its sampler, instead of drawing a new one.
+    ds = cifar_fast.CIFAR10(root, train=True, transform=T.ToTensor())
+    make = lambda: cifar_fast.DataLoader(ds, batch_size=8, sampler=torch.utils.data.RandomSampler(ds),
+                                         num_workers=2)
+    torch.manual_seed(5)
+    loader = make()
+    for _ in range(epochs_before):
+        batches(loader)
+    it = iter(loader)
+    seen = [next(it) for _ in range(4)]
+    state = loader.state_dict()
+    rest = [(x.clone(), y.clone()) for x, y in it]
+    torch.manual_seed(6)
+    resumed = make()
+    resumed.load_state_dict(state)
+    again = batches(resumed)
+    assert same(again, rest) and len(again) == len(loader) - 4
+    labels = torch.cat([y for _, y in seen] + [y for _, y in again])
+    assert sorted(labels.tolist()) == sorted(ds.targets), "each sample once in the epoch"
+    assert len(batches(resumed)) == len(loader), "the epoch after is whole, drawn anew"

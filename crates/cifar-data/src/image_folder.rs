@@ -164,7 +164,10 @@ impl Source for ImageFolder {
         let (ih, iw, chw) =
             crate::prep::image::decode(&bytes, resize, crate::prep::image::MAX_IMAGE_PIXELS, path)?;
         if (iw, ih) != (w, h) {
-            return Err(Error::format(path, format!("is {iw}x{ih}, expected {w}x{h}")));
+            return Err(Error::format(
+                path,
+                format!("is {iw}x{ih}, expected {w}x{h}: a batch holds one size (resize them to one)"),
+            ));
         }
         self.norm.0.image(&chw, out);
         Ok(*label)

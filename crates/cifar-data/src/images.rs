@@ -148,7 +148,11 @@ impl ImageSource for FolderImages {
         if let Some(want) = self.expect.filter(|&w| w != size) {
             return Err(Error::format(
                 path,
-                format!("is {}x{}, expected {}x{}", size.1, size.0, want.1, want.0),
+                format!(
+                    "is {}x{}, expected {}x{} as the other images: a batch holds one size (resize them \
+                     to one in the transform)",
+                    size.1, size.0, want.1, want.0
+                ),
             ));
         }
         Ok(Image { data: ImageData::Encoded(Cow::Owned(bytes)), size })

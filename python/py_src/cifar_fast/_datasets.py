@@ -213,8 +213,8 @@ class ImageFolder(_Dataset):
     decoded by the workers with torchvision's pixels. With a transform that gives every image
     one size (`RandomResizedCrop`, `Resize` + `CenterCrop`, ...), images of every size are read
     as they are, only the part each crop needs decoded (see `TensorFile` for `dct_scaling`);
-    otherwise images must be `size` `(width, height)` (32x32 by default), or are resized to it
-    with `resize=True`. `samples` lists `(path, class_index)` as torchvision's does."""
+    otherwise images must be `size` `(width, height)` (by default the first image's, as a batch
+    of torchvision's holds one size), or are resized to it with `resize=True`. `samples` lists `(path, class_index)` as torchvision's does."""
 
     def __init__(self, root, transform=None, target_transform=None, loader=None, is_valid_file=None,
                  allow_empty=False, *, size=None, resize=False, output=None, dct_scaling=True,

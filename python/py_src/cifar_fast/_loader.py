@@ -114,6 +114,10 @@ class DataLoader:
         # A position loaded (or set) and not yet begun: (epoch, batches done), and whether the
         # epoch was named by set_epoch since.
         self._pending = None
+        # A sampler's order for the epoch in progress, and one loaded to resume in: a sampler
+        # draws its order afresh each iter() (RandomSampler from torch's generator), so a resumed
+        # epoch replays the saved one, as torchdata's StatefulDataLoader restores its sampler.
+        self._order = self._resume_order = None
         self._named = False
         d["_initialized"] = True
 
@@ -143,26 +147,33 @@ class DataLoader:
             if 0 < len(self) <= start and not self._named:
                 # A state taken at an epoch's end resumes at the next epoch, whole.
                 epoch, start = epoch + 1, 0
-        self._pending, self._named = None, False
+        resume_order = self._resume_order if start else None
+        self._pending, self._named, self._resume_order = None, False, None
         self._epoch = epoch + 1
         order = None
         if self.sampler is not None:
-            order = [int(i) for i in self.sampler]
+            order = resume_order if resume_order is not None else [int(i) for i in self.sampler]
+        self._order = order
         pin = self.pin_memory and resolve(self.output) == "torch" and _cuda_available()
         if self.pin_memory and not pin:
             _warn_pin_once()
         prefetch = None if self.prefetch_factor is None else self.prefetch_factor * max(1, self.num_workers)
         convert, capsule = converter(self.output)
         return self._native.epoch(self.dataset._native, epoch, start, self.num_workers, prefetch, not pin, order,
-                                  convert, capsule, pin, float(self.timeout))
+                                  # torch's timeout bounds the wait for workers: none without them
+                                  convert, capsule, pin, float(self.timeout) if self.num_workers else 0.0)
 
     def state_dict(self):
         """Where the loader stands: the epoch and the batches of it already yielded, with the
         settings that fix the order (checked when loaded)."""
         epoch, done = self._pending if self._pending is not None else self._native.position()
-        return {"epoch": epoch, "batches_yielded": done, "seed": self.seed, "batch_size": self.batch_size,
-                "shuffle": self.shuffle, "drop_last": self.drop_last, "rank": self.rank,
-                "world_size": self.world_size, "dataset_len": len(self.dataset)}
+        state = {"epoch": epoch, "batches_yielded": done, "seed": self.seed, "batch_size": self.batch_size,
+                 "shuffle": self.shuffle, "drop_last": self.drop_last, "rank": self.rank,
+                 "world_size": self.world_size, "dataset_len": len(self.dataset)}
+        order = self._resume_order if self._pending is not None else self._order
+        if self.sampler is not None and done and order is not None:
+            state["sampler_order"] = list(order)
+        return state
 
     def load_state_dict(self, state):
         """Resumes at `state`: the next `iter()` yields exactly the batches that remained, or,
@@ -188,8 +199,16 @@ class DataLoader:
             self.__dict__["seed"] = seed % (1 << 64)
             self._native = _native.Loader(self.dataset._native, self.batch_size, self.shuffle, self.seed,
                                           self.drop_last, self.rank, self.world_size, self.world_size > 1)
+        order = state.get("sampler_order")
+        if order is not None:
+            if self.sampler is None:
+                raise ValueError("state was saved with a sampler's order, and this loader has no sampler")
+            if not isinstance(order, (list, tuple)) or any(
+                    isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self.dataset) for i in order):
+                raise ValueError(f"sampler_order should list indices below {len(self.dataset)}")
+            order = [int(i) for i in order]
         self._epoch = epoch
-        self._pending, self._named = (epoch, done), False
+        self._pending, self._named, self._resume_order = (epoch, done), False, order
 
 
 def _draw_seed(generator):

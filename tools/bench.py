@@ -541,8 +541,8 @@ def bench_images(args):
     b = args.batch_sizes[0]
 
     def py(*a):
-        return json_line([sys.executable, script, *map(str, a), "--root", train, "--batch-size", b,
-                          "--workers", 2, "--images", count])
+        return json_line([sys.executable, script, *map(str, [*a, "--root", train, "--batch-size", b,
+                                                             "--workers", 2, "--images", count])])
 
     contenders = [
         ("bound", lambda: py("bound")),

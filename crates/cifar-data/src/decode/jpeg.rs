@@ -186,13 +186,16 @@ unsafe fn read_region(cinfo: &mut jpeg_decompress_struct, plan: &Plan) -> Result
     let row = width as usize * 4;
     let rows = (y1 - y0) as usize;
     let mut pixels = take_buffer(row * rows);
+    // Made once: libjpeg returns a row or two a call.
+    let mut pointers: Vec<*mut u8> =
+        pixels.chunks_exact_mut(row).take(rows).map(|r| r.as_mut_ptr()).collect();
     let mut done = 0;
     while done < rows {
-        let mut pointers: Vec<*mut u8> =
-            pixels[done * row..].chunks_exact_mut(row).map(|r| r.as_mut_ptr()).collect();
         // SAFETY: each pointer is the start of a row of `row` bytes of `pixels`, the width libjpeg
-        // writes a scanline of (the cropped width times the output components).
-        let n = unsafe { jpeg_read_scanlines(cinfo, pointers.as_mut_ptr(), (rows - done) as JDIMENSION) };
+        // writes a scanline of (the cropped width times the output components); the pointers
+        // from `done` on are the `rows - done` rows not yet written.
+        let n =
+            unsafe { jpeg_read_scanlines(cinfo, pointers[done..].as_mut_ptr(), (rows - done) as JDIMENSION) };
         if n == 0 {
             return Err("libjpeg returned no rows".into());
         }

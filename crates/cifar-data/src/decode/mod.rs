@@ -257,7 +257,8 @@ fn resize_into(block: &jpeg::Block<'_>, g: &Geometry, out: Out<'_>) {
 }
 
 /// Writes the RGBX `pixels` (`rows × cols`) at `(dy, dx)` of an `oh × ow` output (zeros
-/// elsewhere), planar, mirrored where `flip`.
+/// elsewhere), planar, mirrored where `flip`. Row by row and plane by plane, so that every
+/// write is the next value of one output row.
 fn write_planar(
     pixels: &[u8],
     (rows, cols): (usize, usize),
@@ -268,19 +269,25 @@ fn write_planar(
 ) {
     let plane = oh * ow;
     let padded = rows != oh || cols != ow;
+    // The output row's columns a source row lands in: mirrored, `dx` from the right.
+    let first = if flip { ow - dx - cols } else { dx };
+    let rows = if cols == 0 { 0 } else { rows };
+    let row_bytes = (PIXEL * cols).max(1);
     match out {
         Out::U8(o) => {
             if padded {
                 o.fill(0);
             }
-            for y in 0..rows {
-                let src = &pixels[PIXEL * y * cols..PIXEL * (y + 1) * cols];
-                for (x, px) in src.chunks_exact(PIXEL).enumerate() {
-                    let ox = if flip { ow - 1 - (dx + x) } else { dx + x };
-                    let at = (dy + y) * ow + ox;
-                    o[at] = px[0];
-                    o[plane + at] = px[1];
-                    o[2 * plane + at] = px[2];
+            for (y, src) in pixels.chunks_exact(row_bytes).take(rows).enumerate() {
+                for c in 0..3 {
+                    let at = c * plane + (dy + y) * ow + first;
+                    let dst = &mut o[at..at + cols];
+                    let values = src.chunks_exact(PIXEL).map(|px| px[c]);
+                    if flip {
+                        dst.iter_mut().rev().zip(values).for_each(|(d, v)| *d = v);
+                    } else {
+                        dst.iter_mut().zip(values).for_each(|(d, v)| *d = v);
+                    }
                 }
             }
         }
@@ -291,14 +298,16 @@ fn write_planar(
                     o[c * plane..(c + 1) * plane].fill(norm.value(c, 0));
                 }
             }
-            for y in 0..rows {
-                let src = &pixels[PIXEL * y * cols..PIXEL * (y + 1) * cols];
-                for (x, px) in src.chunks_exact(PIXEL).enumerate() {
-                    let ox = if flip { ow - 1 - (dx + x) } else { dx + x };
-                    let at = (dy + y) * ow + ox;
-                    o[at] = norm.value(0, px[0]);
-                    o[plane + at] = norm.value(1, px[1]);
-                    o[2 * plane + at] = norm.value(2, px[2]);
+            for (y, src) in pixels.chunks_exact(row_bytes).take(rows).enumerate() {
+                for c in 0..3 {
+                    let at = c * plane + (dy + y) * ow + first;
+                    let dst = &mut o[at..at + cols];
+                    let values = src.chunks_exact(PIXEL).map(|px| norm.value(c, px[c]));
+                    if flip {
+                        dst.iter_mut().rev().zip(values).for_each(|(d, v)| *d = v);
+                    } else {
+                        dst.iter_mut().zip(values).for_each(|(d, v)| *d = v);
+                    }
                 }
             }
         }

@@ -195,6 +195,7 @@ impl Loader {
             cell: Mutex::new(Cell {
                 epoch: Held(Some(Box::new(live)), fork::generation()),
                 busy: None,
+                waiting: 0,
                 pending: None,
             }),
             turn: Condvar::new(),
@@ -245,11 +246,13 @@ impl Drop for Held {
     }
 }
 
-/// What an iterator keeps between calls: the epoch, the thread taking a batch now, and a batch
-/// that was taken but not delivered (its conversion was interrupted).
+/// What an iterator keeps between calls: the epoch, the thread taking a batch now, the threads
+/// waiting for their turn, and a batch that was taken but not delivered (its conversion was
+/// interrupted).
 struct Cell {
     epoch: Held,
     busy: Option<ThreadId>,
+    waiting: usize,
     pending: Option<(Array, Array)>,
 }
 
@@ -301,7 +304,11 @@ impl Drop for Claim<'_> {
         cell.epoch.0 = self.epoch.take();
         cell.pending = self.pending.take();
         cell.busy = None;
-        self.iter.turn.notify_all();
+        // A wake-up is a system call: only where a thread waits (one takes the batches, as a
+        // rule, and then a `next()` would pay for it).
+        if cell.waiting > 0 {
+            self.iter.turn.notify_all();
+        }
     }
 }
 
@@ -402,7 +409,11 @@ impl EpochIter {
                 match cell.busy {
                     None => break,
                     Some(t) if t == me => return None,
-                    Some(_) => cell = self.turn.wait(cell).unwrap_or_else(|p| p.into_inner()),
+                    Some(_) => {
+                        cell.waiting += 1;
+                        cell = self.turn.wait(cell).unwrap_or_else(|p| p.into_inner());
+                        cell.waiting -= 1;
+                    }
                 }
             }
             cell.busy = Some(me);

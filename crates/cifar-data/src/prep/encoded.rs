@@ -178,16 +178,7 @@ fn store_one(bytes: Vec<u8>, shown: &Path, opts: &PrepOptions, budget: &MemoryBu
         return Ok(Stored { bytes, size: (h, w), reencoded: false });
     }
     let cost = super::image::decode_cost((w, h), None);
-    if cost > 2 * budget.total() {
-        return Err(Error::format(
-            shown,
-            format!(
-                "is {w}x{h}: decoding it needs about {:.1} GB, more than half the memory available",
-                cost as f64 / 1e9
-            ),
-        ));
-    }
-    let _share = budget.take(cost);
+    let _share = budget.take_for_image((w, h), cost, shown)?;
     match shrink {
         None => {
             let rgb = super::image::decode_rgb(&bytes, (w, h), shown)?;

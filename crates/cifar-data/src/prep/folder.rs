@@ -757,16 +757,7 @@ fn decode_one(
         ));
     }
     let cost = super::image::decode_cost((w, h), opts.size);
-    if cost > 2 * budget.total() {
-        return Err(Error::format(
-            shown,
-            format!(
-                "is {w}x{h}: decoding it needs about {:.1} GB, more than half the memory available",
-                cost as f64 / 1e9
-            ),
-        ));
-    }
-    let _share = budget.take(cost);
+    let _share = budget.take_for_image((w, h), cost, shown)?;
     let (_, _, pixels) = super::image::decode_checked(bytes, (w, h), opts.size, shown)?;
     write(&pixels)
 }

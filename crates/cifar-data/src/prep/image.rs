@@ -189,6 +189,22 @@ impl MemoryBudget {
         *used += bytes;
         Share { budget: self, bytes }
     }
+
+    /// [`MemoryBudget::take`] for decoding the `(w, h)` image `path` at `cost` bytes
+    /// ([`decode_cost`]); an image that would need more than twice the whole budget (more than
+    /// half the memory available) is refused instead, naming it.
+    pub fn take_for_image(&self, (w, h): (u32, u32), cost: u64, path: &Path) -> Result<Share<'_>> {
+        if cost > 2 * self.total {
+            return Err(Error::format(
+                path,
+                format!(
+                    "is {w}x{h}: decoding it needs about {:.1} GB, more than half the memory available",
+                    cost as f64 / 1e9
+                ),
+            ));
+        }
+        Ok(self.take(cost))
+    }
 }
 
 impl Drop for Share<'_> {

@@ -183,22 +183,13 @@ fn horizontal(row: &[u8], at: usize, h: &Axis, dst: &mut [u8]) {
 
 #[multiversion::multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
 fn horizontal_fixed<const K: usize>(row: &[u8], at: usize, h: &Axis, dst: &mut [u8]) {
-    let half = 1i32 << (PRECISION_BITS - 1);
     for ((px, &(xmin, xlen)), k) in dst.chunks_exact_mut(PIXEL).zip(&h.bounds).zip(h.weights.chunks_exact(K))
     {
         let start = PIXEL * (xmin - at);
         let k: &[i32; K] = k.try_into().expect("K weights a position");
+        // Inlined, the K taps are a loop of known length.
         let acc = match row.get(start..start + PIXEL * K) {
-            Some(taps) => {
-                // Four lanes (the fourth unused) so that each tap is one vector multiply-add.
-                let mut acc = [half; PIXEL];
-                for (p, &w) in taps.chunks_exact(PIXEL).zip(k) {
-                    for c in 0..PIXEL {
-                        acc[c] += p[c] as i32 * w;
-                    }
-                }
-                acc
-            }
+            Some(taps) => taps_sum(taps, k),
             None => taps_sum(&row[start..start + PIXEL * xlen], &k[..xlen]),
         };
         for c in 0..PIXEL {
@@ -219,7 +210,8 @@ fn horizontal_any(row: &[u8], at: usize, h: &Axis, dst: &mut [u8]) {
     }
 }
 
-/// One output pixel's four sums, from its taps' pixels and weights.
+/// One output pixel's four sums, from its taps' pixels and weights: four lanes (the fourth
+/// unused) so that each tap is one vector multiply-add.
 #[inline(always)]
 fn taps_sum(taps: &[u8], k: &[i32]) -> [i32; PIXEL] {
     let mut acc = [1i32 << (PRECISION_BITS - 1); PIXEL];

@@ -13,23 +13,20 @@
 //! corrupt file is an error at open, never a read past the map later.
 use std::collections::HashMap;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use memmap2::Mmap;
 use safetensors::Dtype;
 
-use super::{Header, sigbus};
-use crate::error::{Error, IoContext, Result};
+use super::Header;
+use super::mapped::Mapped;
+use crate::error::{Error, Result};
 
 /// The largest side an encoded image may declare: JPEG's own limit.
 pub const MAX_SIDE: i64 = 65_535;
 
 /// An encoded split, mapped and validated. Its map follows [`super::TensorFile`]'s contract.
 pub struct EncodedFile {
-    path: PathBuf,
-    file: std::fs::File,
-    file_len: u64,
-    map: Mmap,
+    map: Mapped,
     len: usize,
     images: Range<usize>,
     offsets: Range<usize>,
@@ -37,21 +34,11 @@ pub struct EncodedFile {
     labels: Range<usize>,
     metadata: HashMap<String, String>,
     classes: Vec<String>,
-    watch: Option<usize>,
-    surviving: bool,
-}
-
-impl Drop for EncodedFile {
-    fn drop(&mut self) {
-        if let Some(i) = self.watch {
-            sigbus::unwatch(i);
-        }
-    }
 }
 
 impl std::fmt::Debug for EncodedFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EncodedFile").field("path", &self.path).field("len", &self.len).finish()
+        f.debug_struct("EncodedFile").field("path", &self.map.path()).field("len", &self.len).finish()
     }
 }
 
@@ -99,40 +86,15 @@ impl EncodedFile {
         };
         crate::prep::check_class_count(classes.len(), path)?;
 
-        // SAFETY: as `TensorFile::open`'s map: read-only, every extent checked above; only a
-        // truncation under the map could fault, which the SIGBUS watch reports.
-        let map = unsafe { Mmap::map(&file) }.at(path)?;
-        let watch = sigbus::watch(
-            map.as_ptr(),
-            map.len(),
-            format!(
-                "error: {}: the file was truncated while this program had it mapped (another program changed \
-                 it during the run); prepare it anew and run again\n",
-                path.display()
-            ),
-        );
-        let out = EncodedFile {
-            path: path.to_path_buf(),
-            file,
-            file_len,
-            map,
-            len,
-            images,
-            offsets,
-            sizes,
-            labels,
-            metadata,
-            classes,
-            watch,
-            surviving: false,
-        };
+        let map = Mapped::new(path, file, file_len)?;
+        let out = EncodedFile { map, len, images, offsets, sizes, labels, metadata, classes };
         out.check_index()?;
         Ok(out)
     }
 
     /// Every image's range, size and label, checked.
     fn check_index(&self) -> Result<()> {
-        let bad = |msg: String| Error::format(&self.path, msg);
+        let bad = |msg: String| Error::format(self.map.path(), msg);
         let blob = self.images.len() as i64;
         let offsets = self.offsets();
         let sizes = self.sizes_raw();
@@ -166,7 +128,7 @@ impl EncodedFile {
 
     /// The file's path.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.map.path()
     }
 
     /// Number of images.
@@ -214,30 +176,14 @@ impl EncodedFile {
     /// As `TensorFile::survive_truncation`: a truncation under the map reads zeros
     /// and is reported by [`EncodedFile::check_intact`], which the reader calls after reading.
     pub fn survive_truncation(mut self) -> Self {
-        #[cfg(target_os = "linux")]
-        if let Some(slot) = self.watch {
-            sigbus::survive(slot);
-            self.surviving = true;
-        }
+        self.map.survive_truncation();
         self
     }
 
     /// Whether every read of the map so far found the file whole, and it still has its length
     /// (a cut inside a page reads zeros that no fault shows).
     pub fn check_intact(&self, doing: &str) -> Result<()> {
-        let cut = || {
-            Error::format(&self.path, format!("was truncated while open (found {doing}); prepare it anew"))
-        };
-        if let Some(slot) = self.watch
-            && self.surviving
-            && sigbus::truncated(slot)
-        {
-            return Err(cut());
-        }
-        match self.file.metadata() {
-            Ok(m) if m.len() < self.file_len => Err(cut()),
-            Ok(_) => Ok(()),
-            Err(e) => Err(Error::io(&self.path, e)),
-        }
+        self.map.check_whole(doing)?;
+        self.map.check_length(doing)
     }
 }

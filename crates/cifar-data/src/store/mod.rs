@@ -1,16 +1,17 @@
 //! The tensor file, opened: its header checked against the file's length, then memory-mapped
 //! read-only, so samples are read straight from the page cache and never copied onto the heap.
 pub mod encoded;
+mod mapped;
 mod sigbus;
 use std::collections::HashMap;
 use std::io::Read;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use memmap2::Mmap;
 use safetensors::Dtype;
 use safetensors::tensor::Metadata;
 
+use self::mapped::Mapped;
 use crate::error::{Error, IoContext, Result};
 use crate::prep::StoreDtype;
 use crate::prep::layout::CHANNELS;
@@ -98,12 +99,8 @@ pub fn is_encoded(path: &Path) -> Result<bool> {
 /// This is the bargain ripgrep makes for its memory maps (and why it does not map files it
 /// expects to change); here the files are ours, written once by `cifar-prep` and renamed.
 pub struct TensorFile {
-    path: PathBuf,
-    /// Kept open for [`TensorFile::read_image`].
-    file: std::fs::File,
-    /// The file's length when opened.
-    file_len: u64,
-    map: Mmap,
+    /// The file, mapped and watched (see the contract above).
+    map: Mapped,
     len: usize,
     dtype: StoreDtype,
     images: Range<usize>,
@@ -115,23 +112,11 @@ pub struct TensorFile {
     classes: Vec<String>,
     mean: [f32; 3],
     std: [f32; 3],
-    /// The SIGBUS watch on the map (see the contract above).
-    watch: Option<usize>,
-    /// A truncation under the map is survived, and reported by [`TensorFile::read_image`].
-    surviving: bool,
-}
-
-impl Drop for TensorFile {
-    fn drop(&mut self) {
-        if let Some(i) = self.watch {
-            sigbus::unwatch(i);
-        }
-    }
 }
 
 impl std::fmt::Debug for TensorFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TensorFile").field("path", &self.path).field("len", &self.len).finish()
+        f.debug_struct("TensorFile").field("path", &self.map.path()).field("len", &self.len).finish()
     }
 }
 
@@ -201,38 +186,8 @@ impl TensorFile {
             return Err(bad(format!("metadata 'std' {std:?} is not positive")));
         }
 
-        // SAFETY: the file is opened read-only and its extent was checked above, so every range
-        // we read lies inside the mapping. The mapping is undefined behaviour only if another
-        // process truncates or rewrites the file while it is mapped; `cifar-prep` never does that
-        // (it writes a new file and renames it over the old name, leaving mapped pages intact).
-        let map = unsafe { Mmap::map(&file) }.at(path)?;
-        let watch = sigbus::watch(
-            map.as_ptr(),
-            map.len(),
-            format!(
-                "error: {}: the file was truncated while this program had it mapped (another \
-                 program changed it during the run); prepare it anew and run again\n",
-                path.display()
-            ),
-        );
-        let out = TensorFile {
-            path: path.to_path_buf(),
-            file,
-            file_len,
-            map,
-            watch,
-            surviving: false,
-            len,
-            dtype,
-            images,
-            shape,
-            labels,
-            coarse,
-            metadata,
-            classes,
-            mean,
-            std,
-        };
+        let map = Mapped::new(path, file, file_len)?;
+        let out = TensorFile { map, len, dtype, images, shape, labels, coarse, metadata, classes, mean, std };
         let named = !out.classes.is_empty();
         let classes = if named { out.classes.len() } else { MAX_CLASSES };
         if let Some(i) = out.labels().iter().position(|&l| l < 0 || l as usize >= classes) {
@@ -252,7 +207,7 @@ impl TensorFile {
 
     /// The file's path.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.map.path()
     }
 
     /// Number of samples.
@@ -326,25 +281,22 @@ impl TensorFile {
         let size = self.shape.iter().product::<usize>() * self.dtype.size();
         assert_eq!(out.len(), size, "image {i} is {size} bytes");
         let start = self.images.start + i * size;
-        if self.surviving {
+        if self.map.surviving() {
             // Half the time of a positioned read (which looks the pages up and copies them one
             // by one), and the batch's whole cost on the Python package's workers.
             out.copy_from_slice(&self.map[start..start + size]);
             return self.check_whole(&format!("reading sample {i}"));
         }
-        self.file.read_exact_at(out, start as u64).map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => self.truncated(&format!("reading sample {i}")),
-            _ => Error::io(&self.path, e),
+        self.map.file().read_exact_at(out, start as u64).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => self.map.truncated(&format!("reading sample {i}")),
+            _ => Error::io(self.map.path(), e),
         })
     }
 
     /// For a file opened to survive truncation: whether every read of its map so far found
     /// the file whole (an error saying it was truncated, found while `doing`, if not).
     pub(crate) fn check_whole(&self, doing: &str) -> Result<()> {
-        match self.watch {
-            Some(slot) if self.surviving && sigbus::truncated(slot) => Err(self.truncated(doing)),
-            _ => Ok(()),
-        }
+        self.map.check_whole(doing)
     }
 
     /// Whether the file still has the length it had when opened (an error saying it was
@@ -352,15 +304,7 @@ impl TensorFile {
     /// by no fault: the rest of that page reads as zeros. A reader of the map that must never
     /// serve those calls this after its reads.
     pub(crate) fn check_length(&self, doing: &str) -> Result<()> {
-        match self.file.metadata() {
-            Ok(m) if m.len() < self.file_len => Err(self.truncated(doing)),
-            Ok(_) => Ok(()),
-            Err(e) => Err(Error::io(&self.path, e)),
-        }
-    }
-
-    fn truncated(&self, doing: &str) -> Error {
-        Error::format(&self.path, format!("was truncated while open (found {doing}); prepare it anew"))
+        self.map.check_length(doing)
     }
 
     /// From now on a read of this file's map that finds the file truncated reads zeros instead
@@ -369,11 +313,7 @@ impl TensorFile {
     /// Where the map could not be watched (all watch slots taken, or not Linux), `read_image`
     /// reads with positioned reads instead, which report a truncation by themselves.
     pub(crate) fn survive_truncation(mut self) -> Self {
-        #[cfg(target_os = "linux")]
-        if let Some(slot) = self.watch {
-            sigbus::survive(slot);
-            self.surviving = true;
-        }
+        self.map.survive_truncation();
         self
     }
 
@@ -402,7 +342,7 @@ impl TensorFile {
             if self.map.len() as u64 > available_memory().unwrap_or(0) / 2 {
                 return false;
             }
-            self.map.advise(memmap2::Advice::PopulateRead).is_ok()
+            self.map.mmap().advise(memmap2::Advice::PopulateRead).is_ok()
         }
         #[cfg(not(target_os = "linux"))]
         false

@@ -325,3 +325,41 @@ fn devices_other_than_cpu_and_cuda_are_refused_at_build() {
         }
     }
 }
+
+/// Samples that take 40 ms each to read, as a large image's decode does.
+struct Slow;
+
+impl Source for Slow {
+    fn len(&self) -> usize {
+        64
+    }
+    fn sample_shape(&self) -> [usize; 3] {
+        [1, 2, 2]
+    }
+    fn read_into(&self, index: usize, out: &mut [f32]) -> cifar_fast::Result<i64> {
+        std::thread::sleep(Duration::from_millis(40));
+        out.fill(index as f32);
+        Ok(0)
+    }
+}
+
+#[test]
+fn dropping_an_epoch_waits_for_the_sample_in_each_workers_hands_not_its_batch() {
+    // Batches of 16 slow samples (640 ms each); the workers are mid-batch when the epoch goes.
+    let mut loader = Loader::builder(Slow).batch_size(16).num_workers(2).shuffle(false).build().unwrap();
+    let mut epoch = loader.iter();
+    epoch.next().unwrap().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let start = Instant::now();
+    drop(epoch);
+    let took = start.elapsed();
+    assert!(took < Duration::from_millis(300), "dropping the epoch took {took:?}");
+    // The next epoch is whole and in order: nothing of the abandoned one leaks into it.
+    let mut epoch = loader.iter();
+    let first = epoch.next().unwrap().unwrap();
+    let values: Vec<f32> = Vec::try_from(first.images.flatten(0, -1)).unwrap();
+    assert_eq!(values.len(), 16 * 4);
+    for (k, v) in values.chunks(4).enumerate() {
+        assert!(v.iter().all(|&x| x == k as f32), "sample {k}: {v:?}");
+    }
+}

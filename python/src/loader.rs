@@ -232,7 +232,7 @@ fn pipeline(
 }
 
 /// An epoch held by an iterator. Dropped with the GIL released (joining the workers waits for
-/// the batches in their hands); a copy a fork left in a child is let go without a join.
+/// the sample each is writing); a copy a fork left in a child is let go without a join.
 struct Held(Option<Box<LiveEpoch>>, u64);
 
 impl Drop for Held {
@@ -371,7 +371,7 @@ impl EpochIter {
         self.remaining.load(Ordering::Relaxed)
     }
 
-    /// Stops the workers now (waiting for the batches in their hands). From a signal handler
+    /// Stops the workers now (waiting for the sample each is writing). From a signal handler
     /// that interrupted this iterator's own `next()`, that `next()` stops them as it resumes.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         self.closed.store(true, Ordering::Relaxed);

@@ -302,7 +302,8 @@ impl Drop for Loader {
     }
 }
 
-/// One epoch's batches, in order. Dropping it early waits for the batches in progress.
+/// One epoch's batches, in order. Dropping it early waits for the sample each worker is
+/// writing (see [`pipeline::Epoch`]).
 pub struct Epoch<'a> {
     inner: pipeline::Epoch<TchBuffers, &'a mut Pipeline<TchBuffers>>,
     device: Device,

@@ -23,6 +23,7 @@ mod worker;
 use std::borrow::BorrowMut;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -334,8 +335,8 @@ impl<P: Buffers> Drop for Pipeline<P> {
 
 /// One epoch's batches, in order, from a pipeline it borrows (`L = &mut Pipeline`) or owns.
 /// If this is the first epoch asked of the pipeline and its start named it, the first batches
-/// are skipped; every other epoch is whole. Dropping it early waits for the batches in
-/// progress and gives their buffers back.
+/// are skipped; every other epoch is whole. Dropping it early stops the workers' batches at the
+/// end of the sample each is writing, waits for that, and gives their buffers back.
 pub struct Epoch<P: Buffers, L: BorrowMut<Pipeline<P>>> {
     pipeline: L,
     epoch: u64,
@@ -349,6 +350,8 @@ pub struct Epoch<P: Buffers, L: BorrowMut<Pipeline<P>>> {
     scratch: Vec<f32>,
     /// The workers are gone: nothing more will come.
     broken: bool,
+    /// Shared with this epoch's jobs; set on drop, so the workers leave them unfinished.
+    abandoned: Arc<AtomicBool>,
 }
 
 impl<P: Buffers, L: BorrowMut<Pipeline<P>>> Epoch<P, L> {
@@ -370,6 +373,7 @@ impl<P: Buffers, L: BorrowMut<Pipeline<P>>> Epoch<P, L> {
             inline: None,
             scratch: Vec::new(),
             broken: false,
+            abandoned: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -461,6 +465,7 @@ impl<P: Buffers, L: BorrowMut<Pipeline<P>>> Epoch<P, L> {
                     epoch: self.epoch,
                     indices: std::mem::take(&mut self.batches[self.yielded]),
                     buffer: p.buffers.take(),
+                    abandoned: self.abandoned.clone(),
                 };
                 match p.recipe.start(job) {
                     Ok(partial) => partial,
@@ -487,6 +492,7 @@ impl<P: Buffers, L: BorrowMut<Pipeline<P>>> Epoch<P, L> {
                 epoch: self.epoch,
                 indices: std::mem::take(&mut self.batches[self.dispatched]),
                 buffer: p.buffers.take(),
+                abandoned: self.abandoned.clone(),
             };
             self.dispatched += 1;
             jobs.send(job).expect("workers outlive the pipeline's job channel");
@@ -530,8 +536,10 @@ impl<P: Buffers, L: BorrowMut<Pipeline<P>>> Iterator for Epoch<P, L> {
 }
 
 impl<P: Buffers, L: BorrowMut<Pipeline<P>>> Drop for Epoch<P, L> {
-    /// Collects the batches still in the workers' hands, so the next epoch starts clean.
+    /// Collects the batches still in the workers' hands, so the next epoch starts clean: each
+    /// worker stops at the end of the sample it is writing.
     fn drop(&mut self) {
+        self.abandoned.store(true, Ordering::Relaxed);
         let in_workers = self.dispatched.saturating_sub(self.yielded + self.ready.len());
         let ready = std::mem::take(&mut self.ready);
         let inline = self.inline.take();

@@ -5,6 +5,7 @@
 //! go on where it stopped.
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -24,6 +25,8 @@ pub(crate) struct Job<B> {
     pub epoch: u64,
     pub indices: Vec<usize>,
     pub buffer: Option<B>,
+    /// Set when the epoch is dropped: the job's remaining samples are not worth filling.
+    pub abandoned: Arc<AtomicBool>,
 }
 
 /// A job's outcome: its buffer (filled where `result` is `Ok`; `None` only when none could be
@@ -122,6 +125,11 @@ impl Recipe {
         let (images, labels) = unsafe { buffer.parts_mut() };
         let result = catch_unwind(AssertUnwindSafe(|| -> Result<()> {
             while *filled < job.indices.len() {
+                // An abandoned job ends between samples, so that dropping an epoch (Ctrl-C
+                // leaving a loop) waits for one sample per worker, not a whole batch.
+                if job.abandoned.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
                 let (k, i) = (*filled, job.indices[*filled]);
                 labels[k] =
                     self.sample(job.epoch, i, &mut images[k * size * self.dtype.size()..], scratch)?;

@@ -432,14 +432,21 @@ def bench_python(args):
     rust = bench_exe("loader")
     warm(os.path.join(data, "cifar10-train.safetensors"))
     script = os.path.join(ROOT, "tools", "bench_python.py")
-    loads = {4: (8000, 200000), 32: (16000, 400000), 256: (24000, 400000)}
+    # (torch's images, ours): ours long enough (seconds) that a run's start is not its figure.
+    loads = {4: (8000, 1000000), 32: (16000, 1000000), 256: (24000, 1000000)}
     # (the tutorial's loader's steps, ours per source, blocks): ours alternates its loader's
     # blocks with the bound's in one process.
     steps = {4: (1500, 3000, 10), 32: (300, 1200, 12), 256: (40, 160, 8)}
 
     def py(*a, path=None):
         env = None if path is None else dict(os.environ, PYTHONPATH=path)
-        return json_line([sys.executable, script, *map(str, a), "--data", data], env=env)
+        out = json_line([sys.executable, script, *map(str, a), "--data", data], env=env)
+        # The contenders run in a fixed rotation, so each follows the same one every rep: a
+        # moment's pause keeps one's exit (torch's worker processes going down, their memory
+        # freed) out of the next one's timing, which would otherwise always fall on the same
+        # contender (here, this package's runs followed torch's multi-process loader's).
+        time.sleep(1.0)
+        return out
 
     def loader_contenders(b):
         theirs, ours = loads.get(b, (24000, 400000))

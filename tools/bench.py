@@ -440,16 +440,10 @@ def bench_python(args):
 
     def py(*a, path=None):
         env = None if path is None else dict(os.environ, PYTHONPATH=path)
-        out = json_line([sys.executable, script, *map(str, a), "--data", data], env=env)
-        # The contenders run in a fixed rotation, so each follows the same one every rep: a
-        # moment's pause keeps one's exit (torch's worker processes going down, their memory
-        # freed) out of the next one's timing, which would otherwise always fall on the same
-        # contender (here, this package's runs followed torch's multi-process loader's).
-        time.sleep(1.0)
-        return out
+        return json_line([sys.executable, script, *map(str, a), "--data", data], env=env)
 
     def loader_contenders(b):
-        theirs, ours = loads.get(b, (24000, 400000))
+        theirs, ours = loads.get(b, (24000, 1000000))
         return [
             ("torch/1", lambda: py("loader", "--impl", "torch", "--batch-size", b, "--workers", 1, "--images", theirs)),
             ("torch/2", lambda: py("loader", "--impl", "torch", "--batch-size", b, "--workers", 2, "--images", theirs)),
@@ -475,6 +469,10 @@ def bench_python(args):
                 k = rep % len(contenders)
                 for name, run in contenders[k:] + contenders[:k]:
                     rows.setdefault((kind, name, b), []).append(run())
+                    # The contenders run in a fixed rotation, so each follows the same one every
+                    # rep: a moment's pause keeps one's exit (torch's worker processes going
+                    # down, their memory freed) out of the next one's timing.
+                    time.sleep(1.0)
 
     def values(kind, name, b, key="images_per_s"):
         return [r[key] for r in rows[(kind, name, b)]]

@@ -447,7 +447,7 @@ impl Dataset {
                             source.read_into(i, &mut raw)?;
                             augment.apply_drawn(drawn, shape, &raw, &mut out);
                         }
-                        source.check_intact()?;
+                        source.check_intact(&[i])?;
                         Ok(out)
                     })
                     .map_err(to_py)?;
@@ -496,7 +496,7 @@ impl Dataset {
                             Owner::Sample(out)
                         }
                     };
-                    source.check_intact()?;
+                    source.check_intact(&[i])?;
                     Ok(owner)
                 })
                 .map_err(to_py)?

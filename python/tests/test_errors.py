@@ -263,6 +263,43 @@ def test_a_file_cut_inside_a_page_under_a_live_loader_is_an_error(tmp_path, trai
             pass
 
 
+@pytest.mark.parametrize("grown_back", [False, True], ids=["cut", "cut-and-grown-back"])
+def test_a_cut_inside_the_page_an_image_ends_in_is_an_error(tmp_path, train_file, grown_back):
+    # An image in the middle of the file, cut inside the page it ends in: its read faults
+    # nowhere and its end reads as zeros. Grown back to its length (as a program rewriting the
+    # file in place does), the file's length no longer tells either.
+    import json
+    live = tmp_path / "live.safetensors"
+    shutil.copy(train_file, live)
+    size = os.path.getsize(live)
+    with open(live, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        info = json.loads(f.read(n))["images"]
+    per_image = (info["data_offsets"][1] - info["data_offsets"][0]) // info["shape"][0]
+    ds = cifar_fast.TensorFile(live)
+    k = len(ds) // 2
+    start = 8 + n + info["data_offsets"][0] + k * per_image
+    end = start + per_image  # past the image's last byte
+    page = (end - 1) // 4096 * 4096
+    cut = max(start, page) + (end - max(start, page)) // 2
+    assert max(start, page) < cut < end
+    assert open(live, "rb").read()[cut:end].strip(b"\0"), "the bytes cut off must not be zeros already"
+    want = ds[k][0].clone()
+    loader = cifar_fast.DataLoader(ds, batch_size=1, sampler=[k] * 1000, num_workers=2)
+    it = iter(loader)
+    assert torch.equal(next(it)[0][0], want)
+    with open(live, "r+b") as f:
+        f.truncate(cut)
+        if grown_back:
+            f.truncate(size)
+    with pytest.raises(cifar_fast.FormatError, match="live.safetensors.*truncated"):
+        ds[k]
+    with pytest.raises(cifar_fast.FormatError, match="truncated"):
+        for x, _ in it:
+            # Batches filled before the cut are whole; none after it is served.
+            assert torch.equal(x[0], want)
+
+
 def test_a_file_truncated_under_a_live_loader_is_an_error(tmp_path, train_file):
     live = tmp_path / "live.safetensors"
     shutil.copy(train_file, live)

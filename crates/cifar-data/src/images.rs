@@ -56,8 +56,10 @@ pub trait ImageSource: Send + Sync {
         Vec::new()
     }
 
-    /// Called once a batch is read (see [`crate::Source::check_intact`]). By default, `Ok`.
-    fn check_intact(&self) -> Result<()> {
+    /// Called once a batch is read, with the indices it read (see
+    /// [`crate::Source::check_intact`]). By default, `Ok`.
+    fn check_intact(&self, indices: &[usize]) -> Result<()> {
+        let _ = indices;
         Ok(())
     }
 }
@@ -105,7 +107,8 @@ impl ImageSource for EncodedImages {
         self.file.classes().to_vec()
     }
 
-    fn check_intact(&self) -> Result<()> {
+    /// A decode costs far more than the length's check, which every batch makes.
+    fn check_intact(&self, _indices: &[usize]) -> Result<()> {
         self.file.check_intact("reading a batch")
     }
 }
@@ -213,8 +216,8 @@ impl ImageSource for DenseImages {
         crate::Source::classes(&*self.pixels)
     }
 
-    fn check_intact(&self) -> Result<()> {
-        crate::Source::check_intact(&*self.pixels)
+    fn check_intact(&self, indices: &[usize]) -> Result<()> {
+        crate::Source::check_intact(&*self.pixels, indices)
     }
 }
 

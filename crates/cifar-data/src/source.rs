@@ -32,10 +32,11 @@ pub trait Source: Send + Sync {
         Vec::new()
     }
 
-    /// Called once a batch is read: an error where what was read may not be what the source
-    /// holds (a file cut short while it was read serves zeros that no single read can tell).
-    /// By default, `Ok`.
-    fn check_intact(&self) -> Result<()> {
+    /// Called once a batch is read, with the indices it read: an error where what was read
+    /// may not be what the source holds (a file cut short while it was read serves zeros that
+    /// no single read can tell). By default, `Ok`.
+    fn check_intact(&self, indices: &[usize]) -> Result<()> {
+        let _ = indices;
         Ok(())
     }
 }
@@ -219,10 +220,9 @@ impl Source for Pixels {
         self.file.classes().to_vec()
     }
 
-    /// A cut that left a page in two served zeros without a fault: the file's length tells.
-    fn check_intact(&self) -> Result<()> {
-        self.file.check_whole("reading a batch")?;
-        self.file.check_length("reading a batch")
+    /// A cut that left a page in two served zeros without a fault.
+    fn check_intact(&self, indices: &[usize]) -> Result<()> {
+        self.file.check_images_read("reading a batch", indices)
     }
 }
 
@@ -239,7 +239,7 @@ impl<S: Source + ?Sized> Source for std::sync::Arc<S> {
     fn classes(&self) -> Vec<String> {
         (**self).classes()
     }
-    fn check_intact(&self) -> Result<()> {
-        (**self).check_intact()
+    fn check_intact(&self, indices: &[usize]) -> Result<()> {
+        (**self).check_intact(indices)
     }
 }

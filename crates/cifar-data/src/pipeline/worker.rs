@@ -61,10 +61,10 @@ impl Samples {
         }
     }
 
-    fn check_intact(&self) -> Result<()> {
+    fn check_intact(&self, indices: &[usize]) -> Result<()> {
         match self {
-            Samples::Dense { source, .. } => source.check_intact(),
-            Samples::Images { source, .. } => source.check_intact(),
+            Samples::Dense { source, .. } => source.check_intact(indices),
+            Samples::Images { source, .. } => source.check_intact(indices),
         }
     }
 }
@@ -141,7 +141,7 @@ impl Recipe {
             if *filled == job.indices.len() {
                 // What was read is checked once for the batch: a file cut meanwhile may have
                 // served zeros where no read could tell.
-                self.samples.check_intact()?;
+                self.samples.check_intact(&job.indices)?;
             }
             Ok(())
         }));

@@ -21,7 +21,14 @@ pub(crate) struct Mapped {
     /// A truncation under the map reads zeros (and is seen by [`Mapped::check_whole`]) instead
     /// of raising SIGBUS.
     surviving: bool,
+    /// For a surviving map, the file's last nonzero byte, `(offset, value)`, where one lies
+    /// within [`TAIL_SCAN`] bytes of its end: the probe of [`Mapped::check_cut`].
+    tail: Option<(usize, u8)>,
 }
+
+/// How far from its end a file is searched for a nonzero byte to probe: a file that ends in
+/// more zeros than this (none of ours) has every batch check its length instead.
+const TAIL_SCAN: usize = 1 << 20;
 
 impl Mapped {
     /// Maps `file`, opened read-only from `path` and `file_len` bytes long, and watches the map.
@@ -42,7 +49,7 @@ impl Mapped {
                 path.display()
             ),
         );
-        Ok(Mapped { path: path.to_path_buf(), file, file_len, map, watch, surviving: false })
+        Ok(Mapped { path: path.to_path_buf(), file, file_len, map, watch, surviving: false, tail: None })
     }
 
     /// The file's path.
@@ -68,6 +75,9 @@ impl Mapped {
         if let Some(slot) = self.watch {
             sigbus::survive(slot);
             self.surviving = true;
+            let scan = self.map.len().saturating_sub(TAIL_SCAN);
+            self.tail =
+                self.map[scan..].iter().rposition(|&b| b != 0).map(|i| (scan + i, self.map[scan + i]));
         }
     }
 
@@ -82,6 +92,46 @@ impl Mapped {
         match self.watch {
             Some(slot) if self.surviving && sigbus::truncated(slot) => Err(self.truncated(doing)),
             _ => Ok(()),
+        }
+    }
+
+    /// Where the page that holds the file's last nonzero byte starts (0 where none was found
+    /// near the end): reads from there on are the ones [`Mapped::check_cut`] needs to be told of.
+    pub(crate) fn tail_page(&self) -> usize {
+        let page = page_size();
+        self.tail.map_or(0, |(at, _)| at / page * page)
+    }
+
+    /// After a batch's reads of a map that survives truncation: an error if the file was cut
+    /// under them, found while `doing`; `read_tail_page`: whether they read anything from
+    /// [`Mapped::tail_page`] on.
+    ///
+    /// A cut that leaves a page in two makes the rest of that page read as zeros, with no fault
+    /// to tell. Without a system call for most batches: the kernel unmaps the pages past the
+    /// cut before it zeroes the cut page's rest, so if the batch read zeros, a read of the
+    /// file's last nonzero byte now faults (the watch sees it) or, in that very page, reads a
+    /// zero; a cut past that byte only ever served the zeros the file holds. A batch that read
+    /// from the tail page itself could race the zeroing of that page, so it checks the length
+    /// as well (the kernel sets it before zeroing anything), as does every batch of a map that
+    /// is not watched or has no byte to probe.
+    pub(crate) fn check_cut(&self, doing: &str, read_tail_page: bool) -> Result<()> {
+        match self.tail {
+            Some((at, value)) if self.surviving => {
+                // The probe must read the map after every read of the batch, not before.
+                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+                // SAFETY: `at` is within the map, which lives as long as `self`; a page cut off
+                // under it reads as zeros through the watch instead of faulting.
+                let now = unsafe { std::ptr::read_volatile(self.map.as_ptr().add(at)) };
+                self.check_whole(doing)?;
+                if now != value {
+                    return Err(self.truncated(doing));
+                }
+                if read_tail_page { self.check_length(doing) } else { Ok(()) }
+            }
+            _ => {
+                self.check_whole(doing)?;
+                self.check_length(doing)
+            }
         }
     }
 
@@ -100,6 +150,12 @@ impl Mapped {
     pub(crate) fn truncated(&self, doing: &str) -> Error {
         Error::format(&self.path, format!("was truncated while open (found {doing}); prepare it anew"))
     }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf reads a constant of the system.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 { n as usize } else { 4096 }
 }
 
 impl std::ops::Deref for Mapped {

@@ -299,12 +299,14 @@ impl TensorFile {
         self.map.check_whole(doing)
     }
 
-    /// Whether the file still has the length it had when opened (an error saying it was
-    /// truncated, found while `doing`, if not). A truncation that cuts a page in two is seen
-    /// by no fault: the rest of that page reads as zeros. A reader of the map that must never
-    /// serve those calls this after its reads.
-    pub(crate) fn check_length(&self, doing: &str) -> Result<()> {
-        self.map.check_length(doing)
+    /// For a file opened to survive truncation, after reading the images of `rows` (and
+    /// nothing else of the map): an error if the file was cut under those reads, found while
+    /// `doing` (a cut inside a page serves zeros that no fault shows; see `Mapped::check_cut`).
+    pub(crate) fn check_images_read(&self, doing: &str, rows: &[usize]) -> Result<()> {
+        let size = self.shape.iter().product::<usize>() * self.dtype.size();
+        let tail = self.map.tail_page();
+        let reached = rows.iter().any(|&i| self.images.start + (i + 1) * size > tail);
+        self.map.check_cut(doing, reached)
     }
 
     /// From now on a read of this file's map that finds the file truncated reads zeros instead

@@ -263,6 +263,13 @@ def test_a_file_cut_inside_a_page_under_a_live_loader_is_an_error(tmp_path, trai
             pass
 
 
+@pytest.mark.parametrize("download", [False, True])
+def test_a_file_given_as_root_is_named_as_a_file(train_file, download):
+    with pytest.raises(ValueError, match=r"cifar10-train.safetensors is a file, not a directory: name the "
+                                         r"directory that holds the data \(.+\)"):
+        cifar_fast.CIFAR10(train_file, train=True, download=download)
+
+
 @pytest.mark.parametrize("grown_back", [False, True], ids=["cut", "cut-and-grown-back"])
 def test_a_cut_inside_the_page_an_image_ends_in_is_an_error(tmp_path, train_file, grown_back):
     # An image in the middle of the file, cut inside the page it ends in: its read faults

@@ -144,6 +144,17 @@ pub fn find_or_prepare(
     bar: &indicatif::ProgressBar,
 ) -> Result<Prepared> {
     let dir = &root.dir;
+    if dir.exists() && !dir.is_dir() {
+        // Else every message below would ask for a tarball to be put inside a file.
+        return Err(Error::Config(format!(
+            "{} is a file, not a directory: name the directory that holds the data{}",
+            dir.display(),
+            dir.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .map(|p| format!(" ({})", p.display()))
+                .unwrap_or_default()
+        )));
+    }
     let pairs = prepared_pairs(dir);
     let files = |name: &str| Prepared {
         train: dir.join(format!("{name}-train.safetensors")),

@@ -21,9 +21,10 @@ pub(crate) struct Mapped {
     /// A truncation under the map reads zeros (and is seen by [`Mapped::check_whole`]) instead
     /// of raising SIGBUS.
     surviving: bool,
-    /// For a surviving map, the file's last nonzero byte, `(offset, value)`, where one lies
-    /// within [`TAIL_SCAN`] bytes of its end: the probe of [`Mapped::check_cut`].
-    tail: Option<(usize, u8)>,
+    /// For a surviving map, the file's last nonzero byte, `(offset, value, start of its
+    /// page)`, where one lies within [`TAIL_SCAN`] bytes of its end: the probe of
+    /// [`Mapped::check_cut`].
+    tail: Option<(usize, u8, usize)>,
 }
 
 /// How far from its end a file is searched for a nonzero byte to probe: a file that ends in
@@ -76,8 +77,11 @@ impl Mapped {
             sigbus::survive(slot);
             self.surviving = true;
             let scan = self.map.len().saturating_sub(TAIL_SCAN);
-            self.tail =
-                self.map[scan..].iter().rposition(|&b| b != 0).map(|i| (scan + i, self.map[scan + i]));
+            let page = page_size();
+            self.tail = self.map[scan..]
+                .iter()
+                .rposition(|&b| b != 0)
+                .map(|i| (scan + i, self.map[scan + i], (scan + i) / page * page));
         }
     }
 
@@ -98,8 +102,7 @@ impl Mapped {
     /// Where the page that holds the file's last nonzero byte starts (0 where none was found
     /// near the end): reads from there on are the ones [`Mapped::check_cut`] needs to be told of.
     pub(crate) fn tail_page(&self) -> usize {
-        let page = page_size();
-        self.tail.map_or(0, |(at, _)| at / page * page)
+        self.tail.map_or(0, |(_, _, page)| page)
     }
 
     /// After a batch's reads of a map that survives truncation: an error if the file was cut
@@ -107,16 +110,18 @@ impl Mapped {
     /// [`Mapped::tail_page`] on.
     ///
     /// A cut that leaves a page in two makes the rest of that page read as zeros, with no fault
-    /// to tell. Without a system call for most batches: the kernel unmaps the pages past the
-    /// cut before it zeroes the cut page's rest, so if the batch read zeros, a read of the
-    /// file's last nonzero byte now faults (the watch sees it) or, in that very page, reads a
-    /// zero; a cut past that byte only ever served the zeros the file holds. A batch that read
-    /// from the tail page itself could race the zeroing of that page, so it checks the length
-    /// as well (the kernel sets it before zeroing anything), as does every batch of a map that
-    /// is not watched or has no byte to probe.
+    /// to tell. Without a system call for most batches: Linux (ext4, tmpfs) sets the new length
+    /// and unmaps the pages past the cut before it zeroes the cut page's rest, so if the batch
+    /// read zeros, a read of the file's last nonzero byte now faults (the watch sees it) or, in
+    /// that very page, reads a zero; a cut past that byte only ever served the zeros the file
+    /// holds, and a file cut and grown back is seen too. A batch that read from the tail page
+    /// itself could race the zeroing of that page, so it checks the length as well, as does
+    /// every batch of a map that is not watched or has no byte to probe. A filesystem that
+    /// zeroes the cut page before it sets the length (XFS) leaves a moment in which neither
+    /// check can see a cut made while the batch is read.
     pub(crate) fn check_cut(&self, doing: &str, read_tail_page: bool) -> Result<()> {
         match self.tail {
-            Some((at, value)) if self.surviving => {
+            Some((at, value, _)) if self.surviving => {
                 // The probe must read the map after every read of the batch, not before.
                 std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
                 // SAFETY: `at` is within the map, which lives as long as `self`; a page cut off

@@ -237,16 +237,24 @@ def test_a_class_without_images_is_refused_as_torchvision_refuses_it(tmp_path):
         cifar_fast.ImageFolder(folder)
 
 
+def images_extent(path):
+    """Where a tensor file's images lie, `(first byte, byte past the last, count)`, from its
+    safetensors header."""
+    import json
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        info = json.loads(f.read(n))["images"]
+    begin, end = info["data_offsets"]
+    return 8 + n + begin, 8 + n + end, info["shape"][0]
+
+
 def test_a_file_cut_inside_a_page_under_a_live_loader_is_an_error(tmp_path, train_file):
     # The page that holds the new end of the file reads as zeros past it, with no fault to see:
     # the last image's end is cut off inside its last page.
-    import json
     live = tmp_path / "live.safetensors"
     shutil.copy(train_file, live)
-    with open(live, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        info = json.loads(f.read(n))
-    last_byte = 8 + n + info["images"]["data_offsets"][1] - 1
+    _, images_end, _ = images_extent(live)
+    last_byte = images_end - 1
     page = last_byte // 4096 * 4096
     cut = page + max(1, (last_byte - page) // 2)
     assert page < cut <= last_byte
@@ -275,22 +283,19 @@ def test_a_cut_inside_the_page_an_image_ends_in_is_an_error(tmp_path, train_file
     # An image in the middle of the file, cut inside the page it ends in: its read faults
     # nowhere and its end reads as zeros. Grown back to its length (as a program rewriting the
     # file in place does), the file's length no longer tells either.
-    import json
     live = tmp_path / "live.safetensors"
     shutil.copy(train_file, live)
     size = os.path.getsize(live)
-    with open(live, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        info = json.loads(f.read(n))["images"]
-    per_image = (info["data_offsets"][1] - info["data_offsets"][0]) // info["shape"][0]
+    images_start, images_end, count = images_extent(live)
+    per_image = (images_end - images_start) // count
     ds = cifar_fast.TensorFile(live)
     k = len(ds) // 2
-    start = 8 + n + info["data_offsets"][0] + k * per_image
+    start = images_start + k * per_image
     end = start + per_image  # past the image's last byte
     page = (end - 1) // 4096 * 4096
     cut = max(start, page) + (end - max(start, page)) // 2
     assert max(start, page) < cut < end
-    assert open(live, "rb").read()[cut:end].strip(b"\0"), "the bytes cut off must not be zeros already"
+    assert live.read_bytes()[cut:end].strip(b"\0"), "the bytes cut off must not be zeros already"
     want = ds[k][0].clone()
     loader = cifar_fast.DataLoader(ds, batch_size=1, sampler=[k] * 1000, num_workers=2)
     it = iter(loader)

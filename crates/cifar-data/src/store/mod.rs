@@ -260,12 +260,17 @@ impl TensorFile {
         self.shape
     }
 
+    /// Bytes of one stored image.
+    fn image_size(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size()
+    }
+
     /// The stored bytes of image `i` (`3*H*W` values of [`TensorFile::dtype`]).
     /// Panics if `i >= len()`, like slice indexing.
     #[inline]
     pub fn image_bytes(&self, i: usize) -> &[u8] {
         assert!(i < self.len, "sample {i} out of range for {} samples", self.len);
-        let size = self.shape.iter().product::<usize>() * self.dtype.size();
+        let size = self.image_size();
         let start = self.images.start + i * size;
         &self.map[start..start + size]
     }
@@ -278,7 +283,7 @@ impl TensorFile {
     pub fn read_image(&self, i: usize, out: &mut [u8]) -> Result<()> {
         use std::os::unix::fs::FileExt;
         assert!(i < self.len, "sample {i} out of range for {} samples", self.len);
-        let size = self.shape.iter().product::<usize>() * self.dtype.size();
+        let size = self.image_size();
         assert_eq!(out.len(), size, "image {i} is {size} bytes");
         let start = self.images.start + i * size;
         if self.map.surviving() {
@@ -303,7 +308,7 @@ impl TensorFile {
     /// nothing else of the map): an error if the file was cut under those reads, found while
     /// `doing` (a cut inside a page serves zeros that no fault shows; see `Mapped::check_cut`).
     pub(crate) fn check_images_read(&self, doing: &str, rows: &[usize]) -> Result<()> {
-        let size = self.shape.iter().product::<usize>() * self.dtype.size();
+        let size = self.image_size();
         let tail = self.map.tail_page();
         let reached = rows.iter().any(|&i| self.images.start + (i + 1) * size > tail);
         self.map.check_cut(doing, reached)

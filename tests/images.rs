@@ -340,3 +340,49 @@ fn cifar_train_trains_resnet18_on_an_encoded_folder() {
     let o = run(train_exe(), &[&"--data", &data, &"--dataset", &"photos", &"--recipe", &"fast"]);
     assert_refused(&o, &["encoded"]);
 }
+
+/// An image source that notes which thread read each image.
+struct Noting {
+    inner: Arc<dyn ImageSource>,
+    readers: std::sync::Mutex<Vec<(usize, std::thread::ThreadId)>>,
+}
+
+impl ImageSource for Noting {
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+    fn image(&self, index: usize) -> cifar_fast::Result<cifar_fast::images::Image<'_>> {
+        self.readers.lock().unwrap().push((index, std::thread::current().id()));
+        // Slow enough that every worker is on its way before the first batch is done.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        self.inner.image(index)
+    }
+    fn label(&self, index: usize) -> i64 {
+        self.inner.label(index)
+    }
+    fn name(&self, index: usize) -> std::path::PathBuf {
+        self.inner.name(index)
+    }
+}
+
+#[test]
+fn every_worker_fills_the_batch_waited_for_so_the_first_comes_sooner() {
+    let dir = scratch("images_team");
+    let root = dir.join("photos");
+    photo_folder(&root);
+    let noting = Arc::new(Noting {
+        inner: Arc::new(FolderImages::new(ImageFolder::new(root.join("train")).unwrap())),
+        readers: Default::default(),
+    });
+    let mut loader = Loader::builder_images(noting.clone(), settings(rrc(32), Output::U8))
+        .batch_size(8)
+        .num_workers(2)
+        .seed(3)
+        .build()
+        .unwrap();
+    let first = loader.epoch(0).next().unwrap().unwrap();
+    let readers = noting.readers.lock().unwrap().clone();
+    let threads: std::collections::HashSet<_> =
+        readers.iter().filter(|(i, _)| first.indices.contains(i)).map(|(_, t)| *t).collect();
+    assert_eq!(threads.len(), 2, "the first batch's images were read by {} thread(s)", threads.len());
+}

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cifar_data::pipeline::{Buffers, Dtype, HeapBuffer, default_prefetch};
+use cifar_data::pipeline::{Buffers, Dtype, HeapBuffer, Lender, default_prefetch};
 
 use crate::fork;
 
@@ -72,6 +72,12 @@ impl Pool {
     }
 }
 
+impl Lender<HeapBuffer> for Pool {
+    fn lend(&self) -> Option<HeapBuffer> {
+        self.take()
+    }
+}
+
 /// A buffer lent out with a batch; dropping it gives the buffer back to its pool.
 pub struct Lease {
     buffer: Option<HeapBuffer>,
@@ -113,6 +119,10 @@ impl Buffers for PoolBuffers {
 
     fn give_back(&mut self, b: HeapBuffer) {
         self.pool.put(b);
+    }
+
+    fn lender(&self) -> Option<Arc<dyn Lender<HeapBuffer>>> {
+        Some(self.pool.clone())
     }
 
     /// The Rust loader's depth, and at least two batches a worker (torch's `prefetch_factor=2`),

@@ -107,17 +107,18 @@ impl Error {
 /// the kernel granted on credit (jemalloc maps without reserving, so a size beyond the
 /// machine's memory is granted, and the process is killed when it is written). Sizes above
 /// 64 MiB are checked against the memory available first.
-pub fn try_zeroed<T: Clone + Default>(len: usize, what: &str) -> Result<Vec<T>> {
+///
+/// The memory comes zeroed from the allocator (`calloc`'s contract), not written: a fresh
+/// mapping is zero already, so a batch buffer's pages are first touched by its first fill
+/// rather than all at once here.
+pub fn try_zeroed<T: bytemuck::Zeroable>(len: usize, what: &str) -> Result<Vec<T>> {
     let bytes = len.saturating_mul(std::mem::size_of::<T>());
     let refused = || Error::OutOfMemory { bytes, what: what.to_string() };
     #[cfg(target_os = "linux")]
     if bytes > 64 << 20 && crate::store::available_memory().is_some_and(|free| bytes as u64 > free) {
         return Err(refused());
     }
-    let mut v = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| refused())?;
-    v.resize(len, T::default());
-    Ok(v)
+    bytemuck::allocation::try_zeroed_vec(len).map_err(|_| refused())
 }
 
 /// Adds a path to `std::io::Result`s, as tch-rs's `cifar.rs` does for its readers.

@@ -57,11 +57,28 @@ pub trait Buffers: Send {
     /// A buffer no batch will hand out (an epoch left early, a batch that failed).
     fn give_back(&mut self, buffer: Self::Buffer);
 
+    /// Where a worker takes a free buffer when it starts a job, before it makes a fresh one:
+    /// for fronts whose buffers come back on other threads (the Python front's, freed by a
+    /// capsule's deleter). With one, jobs are sent without buffers ([`Buffers::take`] is not
+    /// asked): a job is sent ahead of its turn, often before the batch the user holds is let
+    /// go; taken at the job's start instead, that batch's buffer is used again rather than a
+    /// fresh one made (whose first fill costs a page fault a page) or one held idle by a job
+    /// still waiting. By default, none.
+    fn lender(&self) -> Option<std::sync::Arc<dyn Lender<Self::Buffer>>> {
+        None
+    }
+
     /// The prefetch depth when the user gives none, for batches of `capacity` samples and
     /// `batch_bytes` bytes. By default, [`default_prefetch`] for training on the same host.
     fn default_prefetch(&self, capacity: usize, batch_bytes: usize) -> usize {
         default_prefetch(capacity, batch_bytes, true)
     }
+}
+
+/// Free buffers a worker may take from any thread (see [`Buffers::lender`]).
+pub trait Lender<B>: Send + Sync {
+    /// A free buffer, one that has come back from every user of it, or `None`.
+    fn lend(&self) -> Option<B>;
 }
 
 /// The prefetch depth when none is given, for batches of `batch_bytes`: 4 batches, and more

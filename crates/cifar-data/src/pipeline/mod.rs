@@ -12,12 +12,15 @@
 //! later batch while an earlier one waits (no deadlock however the workers are scheduled), and
 //! at most `prefetch` batches are dispatched ahead of the one being consumed (bounded memory).
 //! With no workers the consumer fills the batch it asks for itself, and nothing ahead.
+//! Images (a decode each) are filled by the workers together, a sample at a time, the oldest
+//! batch first ([`team`]): the first batch of an epoch comes in `1/N` of one worker's time.
 //!
 //! A sample that fails fails its batch: that batch is an error, and the epoch goes on with the
 //! next (as PyTorch's `DataLoader` raises for a batch and goes on).
 //! The fronts differ only in their [`Buffers`]: the tch `Loader` (in `cifar-fast`) and the
 //! Python package build on this one pipeline, so both get the same batches, bit for bit.
 mod buffer;
+mod team;
 mod worker;
 
 use std::borrow::BorrowMut;
@@ -30,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-pub use self::buffer::{Buffer, Buffers, Dtype, Filled, HeapBuffer, default_prefetch};
+pub use self::buffer::{Buffer, Buffers, Dtype, Filled, HeapBuffer, Lender, default_prefetch};
 use self::worker::{Done, Job, Partial, Recipe, Samples};
 use crate::augment::Augment;
 use crate::error::{Error, Result};
@@ -236,11 +239,17 @@ impl<P: Buffers> Pipeline<P> {
         let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job<P::Buffer>>();
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done<P::Buffer>>();
         let mut workers = Vec::with_capacity(s.num_workers);
+        // Images are filled by the workers together, a sample at a time; dense samples a job
+        // to a worker (see `team`).
+        let team = matches!(recipe.samples, Samples::Images { .. }).then(team::Team::new);
         for i in 0..s.num_workers {
-            let (recipe, jobs, done) = (recipe.clone(), job_rx.clone(), done_tx.clone());
+            let (recipe, jobs, done, team) = (recipe.clone(), job_rx.clone(), done_tx.clone(), team.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("cifar-loader-{i}"))
-                .spawn(move || worker::work(recipe, jobs, done))
+                .spawn(move || match team {
+                    Some(team) => team::work(recipe, jobs, done, team),
+                    None => worker::work(recipe, jobs, done),
+                })
                 .map_err(|e| Error::Config(format!("cannot start a worker thread: {e}")))?;
             workers.push(handle);
         }
@@ -465,6 +474,7 @@ impl<P: Buffers, L: BorrowMut<Pipeline<P>>> Epoch<P, L> {
                     epoch: self.epoch,
                     indices: std::mem::take(&mut self.batches[self.yielded]),
                     buffer: p.buffers.take(),
+                    lender: None,
                     abandoned: self.abandoned.clone(),
                 };
                 match p.recipe.start(job) {
@@ -487,11 +497,16 @@ impl<P: Buffers, L: BorrowMut<Pipeline<P>>> Epoch<P, L> {
         let p = self.pipeline.borrow_mut();
         let Some(jobs) = p.jobs.as_ref().filter(|_| !p.workers.is_empty()) else { return };
         while self.dispatched < self.batches.len() && self.dispatched - self.yielded < p.prefetch {
+            // A front with a lender has its buffers taken when a job starts, not held by the
+            // jobs waiting their turn.
+            let lender = p.buffers.lender();
+            let buffer = if lender.is_none() { p.buffers.take() } else { None };
             let job = Job {
                 seq: self.dispatched,
                 epoch: self.epoch,
                 indices: std::mem::take(&mut self.batches[self.dispatched]),
-                buffer: p.buffers.take(),
+                lender,
+                buffer,
                 abandoned: self.abandoned.clone(),
             };
             self.dispatched += 1;

@@ -1,6 +1,6 @@
 //! Filling a batch: a job (an epoch's batch of indices and perhaps a buffer) is gathered
-//! straight into its buffer, augmented, and sent back numbered. The worker threads fill whole
-//! jobs; without workers the consumer fills the one it waits for a few samples at a time
+//! straight into its buffer, augmented, and sent back numbered. Worker threads fill whole jobs
+//! of dense samples (images are shared among them: [`super::team`]); without workers the consumer fills the one it waits for a few samples at a time
 //! ([`Recipe::fill_some`] with a deadline), so that it can answer Ctrl-C between samples and
 //! go on where it stopped.
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::buffer::{Buffer, Dtype};
+use super::buffer::{Buffer, Dtype, Lender};
 use super::{ImageSettings, Output};
 use crate::augment::Augment;
 use crate::decode::Out;
@@ -19,12 +19,14 @@ use crate::images::ImageSource;
 use crate::source::Source;
 
 /// A batch to make: its place in the epoch, the samples, and where to put them: a buffer from
-/// the front, or `None` for a fresh one the worker makes (off the consumer's thread).
+/// the front, or `None` for one the worker takes from `lender` when it starts, else makes
+/// fresh (off the consumer's thread).
 pub(crate) struct Job<B> {
     pub seq: usize,
     pub epoch: u64,
     pub indices: Vec<usize>,
     pub buffer: Option<B>,
+    pub lender: Option<Arc<dyn Lender<B>>>,
     /// Set when the epoch is dropped: the job's remaining samples are not worth filling.
     pub abandoned: Arc<AtomicBool>,
 }
@@ -61,7 +63,7 @@ impl Samples {
         }
     }
 
-    fn check_intact(&self, indices: &[usize]) -> Result<()> {
+    pub fn check_intact(&self, indices: &[usize]) -> Result<()> {
         match self {
             Samples::Dense { source, .. } => source.check_intact(indices),
             Samples::Images { source, .. } => source.check_intact(indices),
@@ -93,8 +95,12 @@ impl Recipe {
         }
     }
 
-    /// The job with its buffer: the front's, else a fresh one (a failed allocation fails it).
+    /// The job with its buffer: the front's, else its lender's, else a fresh one (a failed
+    /// allocation fails it).
     pub fn start<B: Buffer>(&self, mut job: Job<B>) -> std::result::Result<Partial<B>, Done<B>> {
+        if job.buffer.is_none() {
+            job.buffer = job.lender.take().and_then(|l| l.lend());
+        }
         if job.buffer.is_none() {
             match B::new(self.capacity, self.shape, self.dtype) {
                 Ok(b) => job.buffer = Some(b),
@@ -149,13 +155,7 @@ impl Recipe {
         let cause = match result {
             Ok(Ok(())) => return None,
             Ok(Err(e)) => e,
-            Err(panic) => Error::Panic(
-                panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "unknown panic".into()),
-            ),
+            Err(panic) => Error::Panic(panic_message(&*panic)),
         };
         // Over: nothing more is filled into this job.
         *filled = job.indices.len();
@@ -164,7 +164,7 @@ impl Recipe {
 
     /// Writes sample `index` of epoch `epoch` at the start of `out` (the bytes from its place
     /// in the batch on) and returns its label.
-    fn sample(&self, epoch: u64, index: usize, out: &mut [u8], scratch: &mut Vec<f32>) -> Result<i64> {
+    pub fn sample(&self, epoch: u64, index: usize, out: &mut [u8], scratch: &mut Vec<f32>) -> Result<i64> {
         let size: usize = self.shape.iter().product();
         match &self.samples {
             Samples::Dense { source, augment } => {
@@ -208,7 +208,21 @@ impl Recipe {
     }
 }
 
+/// A panic's message, where it carries one.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
 impl<B> Partial<B> {
+    /// The job, with the buffer it started with, before any sample is written.
+    pub fn into_job(self) -> Job<B> {
+        self.job
+    }
+
     /// Whether every sample is written.
     pub fn is_complete(&self) -> bool {
         self.filled == self.job.indices.len()
@@ -243,7 +257,7 @@ pub(crate) fn work<B: Buffer>(recipe: Recipe, jobs: Receiver<Job<B>>, done: Send
 ///
 /// Written against libc: the `thread-priority` crate sets the niceness along with the policy
 /// and so would reset a user's `nice`.
-fn run_as_batch_work() {
+pub(crate) fn run_as_batch_work() {
     #[cfg(target_os = "linux")]
     // SAFETY: `sched_setscheduler` only reads the `sched_param` passed by reference, which
     // lives across the call; pid 0 names the calling thread.

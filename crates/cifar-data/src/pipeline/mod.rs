@@ -497,9 +497,10 @@ impl<P: Buffers, L: BorrowMut<Pipeline<P>>> Epoch<P, L> {
         let p = self.pipeline.borrow_mut();
         let Some(jobs) = p.jobs.as_ref().filter(|_| !p.workers.is_empty()) else { return };
         while self.dispatched < self.batches.len() && self.dispatched - self.yielded < p.prefetch {
-            // A front with a lender has its buffers taken when a job starts, not held by the
-            // jobs waiting their turn.
-            let lender = p.buffers.lender();
+            // Image jobs of a front with a lender take their buffers when they start, not
+            // while they wait their turn (dense batches are small: taken here, as always).
+            let images = matches!(p.recipe.samples, Samples::Images { .. });
+            let lender = if images { p.buffers.lender() } else { None };
             let buffer = if lender.is_none() { p.buffers.take() } else { None };
             let job = Job {
                 seq: self.dispatched,

@@ -13,7 +13,7 @@
 //! at most `prefetch` batches are dispatched ahead of the one being consumed (bounded memory).
 //! With no workers the consumer fills the batch it asks for itself, and nothing ahead.
 //! Images (a decode each) are filled by the workers together, a sample at a time, the oldest
-//! batch first ([`team`]): the first batch of an epoch comes in `1/N` of one worker's time.
+//! batch first (the `team` module): the first batch of an epoch comes in `1/N` of one worker's time.
 //!
 //! A sample that fails fails its batch: that batch is an error, and the epoch goes on with the
 //! next (as PyTorch's `DataLoader` raises for a batch and goes on).

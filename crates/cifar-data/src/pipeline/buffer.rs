@@ -60,10 +60,10 @@ pub trait Buffers: Send {
     /// Where a worker takes a free buffer when it starts a job of images, before it makes a
     /// fresh one: for fronts whose buffers come back on other threads (the Python front's,
     /// freed by a capsule's deleter). With one, image jobs are sent without buffers
-    /// ([`Buffers::take`] is not asked for them): a job is sent ahead of its turn, often before the batch the user holds is let
-    /// go; taken at the job's start instead, that batch's buffer is used again rather than a
-    /// fresh one made (whose first fill costs a page fault a page) or one held idle by a job
-    /// still waiting. By default, none.
+    /// ([`Buffers::take`] is not asked for them): a job is sent ahead of its turn, often
+    /// before the batch the user holds is let go; taken at the job's start instead, that
+    /// batch's buffer is used again rather than a fresh one made (whose first fill costs a
+    /// page fault a page) or one held idle by a job still waiting. By default, none.
     fn lender(&self) -> Option<std::sync::Arc<dyn Lender<Self::Buffer>>> {
         None
     }

@@ -198,7 +198,7 @@ impl<B: Buffer> Shared<B> {
     }
 
     /// Writes sample `k`.
-    fn write(&self, recipe: &Recipe, k: usize, scratch: &mut Vec<f32>) -> Result<i64> {
+    fn write(&self, recipe: &Recipe, k: usize, scratch: &mut Vec<f32>) -> Result<()> {
         let size = recipe.shape.iter().product::<usize>() * recipe.dtype.size();
         assert!((k + 1) * size <= self.images.1 && k < self.labels.1, "a sample lies in its buffer");
         // SAFETY: sample `k` was claimed by this worker alone (see `Shared`'s `Sync`), its bytes
@@ -208,7 +208,7 @@ impl<B: Buffer> Shared<B> {
         let label = recipe.sample(self.epoch, self.indices[k], out, scratch)?;
         // SAFETY: as above, for the label's one `i64`.
         unsafe { *self.labels.0.add(k) = label };
-        Ok(label)
+        Ok(())
     }
 }
 
@@ -251,8 +251,7 @@ pub(crate) fn work<B: Buffer>(
             }
         };
         let result = catch_unwind(AssertUnwindSafe(|| job.write(&recipe, k, &mut scratch)))
-            .unwrap_or_else(|panic| Err(Error::Panic(panic_message(&*panic))))
-            .map(|_| ());
+            .unwrap_or_else(|panic| Err(Error::Panic(panic_message(&*panic))));
         if job.written(k, result) {
             let mut over = job.hand_back();
             if over.result.is_ok() && !job.abandoned.load(Ordering::Relaxed) {

@@ -238,8 +238,8 @@ pub(crate) fn work<B: Buffer>(
                     continue;
                 }
                 let Ok(job) = jobs.recv() else { return };
-                match recipe.start(job) {
-                    Ok(partial) => team.open().push_back(Shared::new(partial.into_job())),
+                match recipe.equip(job) {
+                    Ok(job) => team.open().push_back(Shared::new(job)),
                     Err(failed) => {
                         if done.send(failed).is_err() {
                             return;

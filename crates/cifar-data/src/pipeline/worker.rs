@@ -1,6 +1,7 @@
 //! Filling a batch: a job (an epoch's batch of indices and perhaps a buffer) is gathered
 //! straight into its buffer, augmented, and sent back numbered. Worker threads fill whole jobs
-//! of dense samples (images are shared among them: [`super::team`]); without workers the consumer fills the one it waits for a few samples at a time
+//! of dense samples (images are shared among them: [`super::team`]); without workers the
+//! consumer fills the one it waits for a few samples at a time
 //! ([`Recipe::fill_some`] with a deadline), so that it can answer Ctrl-C between samples and
 //! go on where it stopped.
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -95,9 +96,14 @@ impl Recipe {
         }
     }
 
+    /// The job with its buffer, to be filled from its first sample (see [`Recipe::equip`]).
+    pub fn start<B: Buffer>(&self, job: Job<B>) -> std::result::Result<Partial<B>, Done<B>> {
+        self.equip(job).map(|job| Partial { job, filled: 0 })
+    }
+
     /// The job with its buffer: the front's, else its lender's, else a fresh one (a failed
     /// allocation fails it).
-    pub fn start<B: Buffer>(&self, mut job: Job<B>) -> std::result::Result<Partial<B>, Done<B>> {
+    pub fn equip<B: Buffer>(&self, mut job: Job<B>) -> std::result::Result<Job<B>, Done<B>> {
         if job.buffer.is_none() {
             job.buffer = job.lender.take().and_then(|l| l.lend());
         }
@@ -111,7 +117,7 @@ impl Recipe {
                 }
             }
         }
-        Ok(Partial { job, filled: 0 })
+        Ok(job)
     }
 
     /// Fills the job's next samples, at least one, until all are written or `deadline` has
@@ -218,11 +224,6 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 impl<B> Partial<B> {
-    /// The job, with the buffer it started with, before any sample is written.
-    pub fn into_job(self) -> Job<B> {
-        self.job
-    }
-
     /// Whether every sample is written.
     pub fn is_complete(&self) -> bool {
         self.filled == self.job.indices.len()
